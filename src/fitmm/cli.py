@@ -1,0 +1,182 @@
+"""The `fitmm` command. Exit codes: 0 success, 2 bad input or usage (message on stderr), 1 internal error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .config import BASE_DEFAULTS, parse_set, read_config_file, resolve
+from .errors import InputError
+
+
+def _model_defaults(name: str) -> dict:
+    from .models import model_class
+
+    return model_class(name).defaults
+
+
+def build_config(args) -> dict:
+    """defaults < model defaults < --config file < --set < explicit flags (--model/--data/--seed)."""
+    layers = []
+    if getattr(args, "config", None):
+        layers.append((f"config file {args.config}", read_config_file(args.config)))
+    if getattr(args, "set", None):
+        layers.append(("--set", parse_set(args.set)))
+    flags = {k: getattr(args, k) for k in ("model", "data", "seed") if getattr(args, k, None) is not None}
+    if flags:
+        layers.append(("command line", flags))
+    config = resolve(layers, _model_defaults)
+    if config["data"] != "synthetic":
+        # Stored absolute so that `fitmm evaluate RUN_DIR` works from any directory.
+        config["data"] = str(Path(config["data"]).expanduser().resolve())
+    return config
+
+
+def cmd_train(args) -> int:
+    from . import data
+    from .train import check_run, train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "last.pt").is_file() or not (run_dir / "config.yaml").is_file():
+            raise InputError(f"{run_dir}: no resumable run here (config.yaml and last.pt are needed)")
+        config = resolve([(f"{run_dir}/config.yaml", read_config_file(run_dir / "config.yaml"))], _model_defaults)
+    else:
+        if not args.out:
+            raise InputError("fitmm train: --out RUN_DIR is required (the folder the run is written to)")
+        run_dir = Path(args.out)
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise InputError(
+                f"{run_dir}: already exists and is not empty; choose a new --out, or continue it with --resume {run_dir}"
+            )
+        config = build_config(args)
+    dataset = data.load(config)
+    check_run(config, dataset)  # all validation happens before the run directory is created
+    summary = train(config, dataset, run_dir, resume=bool(args.resume))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+
+    from . import data
+    from .evaluate import evaluate
+    from .train import build_model, pick_device
+
+    run_dir = Path(args.run_dir)
+    for name in ("config.yaml", "best.pt"):
+        if not (run_dir / name).is_file():
+            raise InputError(f"{run_dir}: missing {name}; pass a run directory written by `fitmm train`")
+    config = resolve([(f"{run_dir}/config.yaml", read_config_file(run_dir / "config.yaml"))], _model_defaults)
+    dataset = data.load(config)
+    device = pick_device(config["device"])
+    model = build_model(config, dataset, device)
+    model.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=False)["model"])
+    results = evaluate(model, dataset, ["valid", "test"], config["topk"], config["eval_batch_size"])
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_data_info(args) -> int:
+    from . import data
+
+    config = build_config(args)
+    dataset = data.load(config)
+    print(json.dumps(dataset.stats(), indent=2))
+    print("validation: OK", file=sys.stderr)
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from . import data
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out}: already exists and is not empty; choose a new --out")
+    config = build_config(args)
+    dataset = data.synthetic.from_config({**config, "data": "synthetic"})
+    data.write_mmrec(dataset, out)
+    print(f"wrote {out}/synthetic.inter and {len(dataset.features)} feature file(s)")
+    return 0
+
+
+def cmd_help_config(args) -> int:
+    from .models import REGISTRY
+
+    print("# keys of every run (fitmm train --set key=value)")
+    for key, value in BASE_DEFAULTS.items():
+        print(f"{key}: {json.dumps(value)}")
+    for name, cls in sorted(REGISTRY.items()):
+        print(f"\n# model '{name}'")
+        for key, value in cls.defaults.items():
+            print(f"{key}: {json.dumps(value)}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fitmm", description="Multimodal recommendation: FITMM and baselines.")
+    parser.add_argument("--version", action="version", version=f"fitmm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_options(p, with_model=True):
+        if with_model:
+            p.add_argument("--model", help="model name (default: fitmm); see `fitmm config`")
+        p.add_argument("--data", help="MMRec dataset folder, or 'synthetic' (default)")
+        p.add_argument("--config", help="YAML file of config keys")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
+        p.add_argument("--seed", type=int, help="random seed (default 999)")
+
+    p = sub.add_parser("train", help="train a model and write a run directory")
+    config_options(p)
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="re-evaluate a saved run's best checkpoint on validation and test")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("config", help="list every config key with its default")
+    p.set_defaults(func=cmd_help_config)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("info", help="statistics of a dataset; exits 2 with the reason when it is invalid")
+    q.add_argument("path", help="MMRec dataset folder or 'synthetic'")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. modalities={image: img.npy}")
+    q.set_defaults(func=cmd_data_info)
+    q = data_sub.add_parser("synth", help="write the synthetic dataset as an MMRec folder")
+    q.add_argument("--out", required=True)
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. synthetic_users=500")
+    q.set_defaults(func=cmd_data_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "path", None) is not None:
+        args.data = args.path
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"fitmm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None) or getattr(args, "resume", None)
+        hint = f"; continue with: fitmm train --resume {out}" if out else ""
+        print(f"fitmm: interrupted{hint}", file=sys.stderr)
+        return 130
+    except Exception:  # an internal error: show the traceback, exit 1
+        traceback.print_exc()
+        print("fitmm: internal error (exit 1); please report it with the traceback above", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The contract every model follows, and the name -> class registry.
+
+A model is one file: a `Recommender` subclass with a `name`, its `defaults` (config keys it adds
+or overrides, e.g. `lr`), and three methods:
+
+    loss(batch)   -> (scalar tensor, {part name: float}) for one training batch
+    embed()       -> (user vectors, item vectors) for scoring; the evaluator calls it ONCE per
+                     evaluation, so any graph propagation happens once, not per user chunk
+    score(u, i)   -> scores of user vectors u against item vectors i (default: dot product)
+
+The trainer and evaluator know nothing else about models: adding one never touches them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import suggest
+from ..data.dataset import Dataset
+from ..data.sampling import Batch
+from ..errors import InputError
+
+REGISTRY: dict[str, type["Recommender"]] = {}
+
+
+def register(cls: type["Recommender"]) -> type["Recommender"]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def model_class(name: str) -> type["Recommender"]:
+    if name not in REGISTRY:
+        raise InputError(
+            f"unknown model '{name}'{suggest(name, REGISTRY)}; available: {', '.join(sorted(REGISTRY))}"
+        )
+    return REGISTRY[name]
+
+
+class Recommender(nn.Module):
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    # Models without negatives (e.g. BM3) set this False and the sampler skips drawing them.
+    uses_negatives: ClassVar[bool] = True
+    # Models with nothing to learn (most-popular) set this False and are only evaluated.
+    trainable: ClassVar[bool] = True
+
+    def __init__(self, dataset: Dataset, config: dict[str, Any]):
+        super().__init__()
+        self.n_users = dataset.n_users
+        self.n_items = dataset.n_items
+        self.config = config
+
+    @classmethod
+    def check(cls, dataset: Dataset, config: dict[str, Any]) -> None:
+        """Raise InputError when this model cannot run on `dataset` with `config` (before any write)."""
+
+    def start_epoch(self, epoch: int, rng: np.random.Generator) -> None:
+        """Hook for per-epoch work (e.g. re-sampling a pruned graph)."""
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def embed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def score(self, user_vectors: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+        return user_vectors @ item_vectors.T
+
+
+def bpr_loss(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(pos - neg), averaged over the batch."""
+    return nn.functional.softplus(neg_scores - pos_scores).mean()
+
+
+def l2_penalty(*tensors: torch.Tensor) -> torch.Tensor:
+    """Half the summed squared norms of the batch's rows, per batch row (the usual BPR-MF penalty)."""
+    batch = tensors[0].shape[0]
+    return sum(t.pow(2).sum() for t in tensors) / (2 * batch)

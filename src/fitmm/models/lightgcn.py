@@ -1,0 +1,50 @@
+"""LightGCN (He et al., SIGIR'20): ID embeddings smoothed over the normalised user-item graph.
+
+The final embedding is the mean of the layer outputs E^0..E^L, with E^{l+1} = Â E^l.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..graphs import normalized_adjacency, symmetric_matmul, to_torch
+from .base import Recommender, bpr_loss, l2_penalty, register
+
+
+def propagate(adjacency: torch.Tensor, x: torch.Tensor, n_layers: int) -> list[torch.Tensor]:
+    """[x, Âx, Â²x, ...]: the outputs of `n_layers` LightGCN layers, layer 0 included (Â symmetric)."""
+    layers = [x]
+    for _ in range(n_layers):
+        layers.append(symmetric_matmul(adjacency, layers[-1]))
+    return layers
+
+
+@register
+class LightGCN(Recommender):
+    name = "lightgcn"
+    defaults = {"embedding_size": 64, "lr": 1e-3, "reg_weight": 1e-4, "n_layers": 3}
+
+    def __init__(self, dataset, config):
+        super().__init__(dataset, config)
+        d = config["embedding_size"]
+        self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, d)))
+        self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))
+        self.register_buffer("adjacency", to_torch(normalized_adjacency(dataset.train)), persistent=False)
+
+    def forward(self):
+        ego = torch.cat([self.user_emb, self.item_emb])
+        out = torch.stack(propagate(self.adjacency, ego, self.config["n_layers"])).mean(0)
+        return out[: self.n_users], out[self.n_users:]
+
+    def loss(self, batch):
+        users, items = self.forward()
+        u = users[batch.users]
+        rec = bpr_loss((u * items[batch.pos_items]).sum(1), (u * items[batch.neg_items]).sum(1))
+        reg = self.config["reg_weight"] * l2_penalty(
+            self.user_emb[batch.users], self.item_emb[batch.pos_items], self.item_emb[batch.neg_items]
+        )
+        return rec + reg, {"bpr": rec.item(), "reg": reg.item()}
+
+    def embed(self):
+        return self.forward()

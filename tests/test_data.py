@@ -1,0 +1,152 @@
+"""Loading MMRec folders: the quirks that must load, and every bad input's error (exit 2, nothing written)."""
+
+import numpy as np
+import pytest
+
+from conftest import read_inter_lines, small_args, small_dataset, write_inter_lines
+from fitmm.cli import main
+from fitmm.data import load_mmrec, synthetic
+from fitmm.errors import InputError
+
+
+def test_round_trip_keeps_everything(dataset_dir):
+    original = small_dataset()
+    loaded = load_mmrec(dataset_dir)
+    assert (loaded.n_users, loaded.n_items) == (original.n_users, original.n_items)
+    for split in ("train", "valid", "test"):
+        assert (loaded.split(split) != original.split(split)).nnz == 0
+    assert loaded.modalities == ["image", "text"]  # auto-detected from *_feat.npy, sorted
+    np.testing.assert_array_equal(loaded.features["image"], original.features["image"])
+    assert loaded.fingerprint == original.fingerprint
+
+
+def test_quirks_load(dataset_dir):
+    lines = read_inter_lines(dataset_dir)
+    header, rows = lines[0], lines[1:]
+    # extra columns in any order, CRLF line ends, a user with only training rows,
+    # a test row of an item never seen in training, float16 and float64 features.
+    rows = [r for r in rows if not (r.startswith("0\t") and not r.endswith("\t0"))]
+    train_items = {r.split("\t")[1] for r in rows if r.endswith("\t0")}
+    new_item = 200  # one past the last item: only in test
+    assert str(new_item) not in train_items
+    rows.append(f"5\t{new_item}\t2")
+    table = ["rating\t" + header + "\ttimestamp"] + [f"4\t{r}\t123" for r in rows]
+    write_inter_lines(dataset_dir, table, newline="\r\n")
+    image = np.random.default_rng(0).normal(size=(201, 8))
+    np.save(dataset_dir / "image_feat.npy", image.astype(np.float16))
+    np.save(dataset_dir / "text_feat.npy", image.astype(np.float64))
+    ds = load_mmrec(dataset_dir)
+    assert ds.n_items == 201
+    assert ds.features["image"].dtype == np.float32 and ds.features["text"].dtype == np.float32
+    assert ds.valid[0].nnz == 0 and ds.test[0].nnz == 0 and ds.train[0].nnz > 0
+    assert ds.stats()["test_items_unseen_in_train"] >= 1
+
+
+def test_id_only_and_explicit_modalities(dataset_dir):
+    for f in dataset_dir.glob("*_feat.npy"):
+        f.rename(dataset_dir / f.name.replace("_feat", ""))
+    assert load_mmrec(dataset_dir).modalities == []
+    ds = load_mmrec(dataset_dir, {"visual": "image.npy"})
+    assert ds.modalities == ["visual"]
+
+
+def _corrupt(folder, kind):
+    """Make `folder` invalid in one way; return the words the error must contain."""
+    lines = read_inter_lines(folder)
+    if kind == "missing folder":
+        import shutil
+        shutil.rmtree(folder)
+        return ["dataset folder not found"]
+    if kind == "missing inter":
+        (folder / "synthetic.inter").unlink()
+        return ["no .inter file"]
+    if kind == "missing column":
+        write_inter_lines(folder, ["userID\titem\tx_label"] + lines[1:])
+        return ["synthetic.inter, header row", "missing column(s) itemID"]
+    if kind == "non-integer id":
+        lines[5] = "3\tabc\t0"
+        write_inter_lines(folder, lines)
+        return ["synthetic.inter, row 6, column itemID", "'abc' is not an integer"]
+    if kind == "negative id":
+        lines[7] = "-1\t4\t0"
+        write_inter_lines(folder, lines)
+        return ["row 8, column userID", "negative id -1"]
+    if kind == "bad x_label":
+        lines[3] = "1\t2\t7"
+        write_inter_lines(folder, lines)
+        return ["row 4, column x_label", "7 is not 0, 1 or 2"]
+    if kind == "feature rows":
+        np.save(folder / "image_feat.npy", np.zeros((199, 4), np.float32))
+        return ["image_feat.npy", "199 feature rows", "200 items"]
+    if kind == "nan feature":
+        feat = np.ones((200, 4), np.float32)
+        feat[17, 2] = np.nan
+        np.save(folder / "text_feat.npy", feat)
+        return ["text_feat.npy, row 17 (item 17), column 2", "not finite"]
+    if kind == "empty train":
+        write_inter_lines(folder, [lines[0]] + [l for l in lines[1:] if not l.endswith("\t0")])
+        return ["training split is empty"]
+    if kind == "unreadable npy":
+        (folder / "image_feat.npy").write_bytes(b"this is not numpy")
+        return ["image_feat.npy", "cannot read as a .npy array"]
+    raise AssertionError(kind)
+
+
+KINDS = ["missing folder", "missing inter", "missing column", "non-integer id", "negative id",
+         "bad x_label", "feature rows", "nan feature", "empty train", "unreadable npy"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_input_exits_2_names_the_problem_and_writes_nothing(dataset_dir, tmp_path, capsys, kind):
+    expected = _corrupt(dataset_dir, kind)
+    run = tmp_path / "run"
+    code = main(["train", "--model", "bpr", "--data", str(dataset_dir), "--out", str(run), *small_args()])
+    err = capsys.readouterr().err
+    assert code == 2
+    for words in expected:
+        assert words in err
+    assert not run.exists()
+    # `fitmm data info` is the same validator.
+    assert main(["data", "info", str(dataset_dir)]) == 2
+    assert capsys.readouterr().err == err
+
+
+def test_missing_mapped_feature_file(dataset_dir, capsys):
+    code = main(["data", "info", str(dataset_dir), "--set", "modalities={image: nope.npy}"])
+    assert code == 2
+    assert "nope.npy: feature file not found" in capsys.readouterr().err
+
+
+def test_data_info_prints_statistics(dataset_dir, capsys):
+    import json
+
+    assert main(["data", "info", str(dataset_dir)]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["users"] == 300 and stats["items"] == 200
+    assert stats["modalities"] == {"image": [200, 32], "text": [200, 16]}
+    assert sum(stats["per_split"].values()) == stats["interactions"]
+
+
+def test_synthetic_is_deterministic_and_split_8_1_1():
+    a, b = synthetic.generate(users=200, items=150), synthetic.generate(users=200, items=150)
+    assert a.fingerprint == b.fingerprint
+    n = a.train.nnz + a.valid.nnz + a.test.nnz
+    assert 0.75 < a.train.nnz / n < 0.85
+    assert abs(a.valid.nnz - a.test.nnz) <= 0.02 * n
+    assert (a.train.multiply(a.test)).nnz == 0  # a pair is in one split only
+    assert np.all(np.diff(a.valid.indptr) >= 1)  # every user (>= 5 interactions) validates
+
+
+def test_synthetic_content_carries_signal():
+    """Items that share a user are closer in feature space than random pairs: content helps."""
+    ds = synthetic.generate(users=400, items=300)
+    feat = ds.features["text"] / np.linalg.norm(ds.features["text"], axis=1, keepdims=True)
+    co = (ds.train.T @ ds.train).toarray()
+    np.fill_diagonal(co, 0)
+    sim = feat @ feat.T
+    assert sim[co >= 3].mean() > sim[co == 0].mean() + 0.2
+
+
+def test_loader_error_is_an_input_error(tmp_path):
+    with pytest.raises(InputError):
+        load_mmrec(tmp_path / "nothing")

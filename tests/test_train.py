@@ -1,0 +1,114 @@
+"""End-to-end training through the CLI: accuracy sanity, determinism, run files, resume, evaluate."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import small_args
+from fitmm.cli import main
+
+
+def train(tmp_path, name, *extra):
+    out = tmp_path / name
+    assert main(["train", "--out", str(out), *small_args(*extra)]) == 0
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def test_lightgcn_clearly_beats_most_popular(tmp_path):
+    _, pop = train(tmp_path, "pop", "model=pop")
+    _, lgcn = train(tmp_path, "lgcn", "model=lightgcn", "epochs=40", "lr=0.01")
+    assert lgcn["test"]["recall@20"] > 1.3 * pop["test"]["recall@20"]
+    assert lgcn["test"]["ndcg@20"] > 1.3 * pop["test"]["ndcg@20"]
+
+
+def test_same_seed_same_numbers_and_run_files(tmp_path):
+    out, a = train(tmp_path, "a", "model=lightgcn", "epochs=4")
+    _, b = train(tmp_path, "b", "model=lightgcn", "epochs=4")
+    _, c = train(tmp_path, "c", "model=lightgcn", "epochs=4", "seed=1")
+    assert a["valid"] == b["valid"] and a["test"] == b["test"]
+    assert a["test"] != c["test"]
+    assert {"config.yaml", "log.jsonl", "best.pt", "last.pt", "summary.json"} <= {p.name for p in out.iterdir()}
+    for key in ("model", "dataset", "seed", "best_epoch", "epochs_run", "seconds_per_epoch", "eval_seconds"):
+        assert key in a
+    for key in ("recall@20", "ndcg@20", "precision@10", "map@10", "hit@10"):
+        assert 0.0 <= a["test"][key] <= 1.0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+    assert all("loss" in r and "valid" in r and "test" not in r for r in log)  # clean mode: no test peeking
+
+
+def test_mmrec_mode_logs_test_and_early_stopping_stops(tmp_path):
+    out, summary = train(tmp_path, "m", "model=bpr", "selection=mmrec", "epochs=60", "patience=2", "lr=0.05")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all("test" in r for r in log)
+    assert summary["epochs_run"] < 60  # stopped early
+    assert summary["epochs_run"] == summary["best_epoch"] + 2
+    best = max(log, key=lambda r: r["valid"]["recall@20"])
+    assert best["epoch"] == summary["best_epoch"]
+    assert best["test"] == summary["test"]  # test at the best validation epoch
+
+
+def test_existing_run_dir_is_refused(tmp_path, capsys):
+    out, _ = train(tmp_path, "a", "model=pop")
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["train", "--out", str(out), *small_args("model=pop")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_evaluate_reproduces_the_saved_run(tmp_path, capsys):
+    out, summary = train(tmp_path, "a", "model=bpr", "epochs=3")
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["test"] == summary["test"] and again["valid"] == summary["valid"]
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    """A real interruption: SIGINT to a training process, then --resume; same numbers as no interruption."""
+    args = ["model=lightgcn", "epochs=25", "patience=100"]
+    _, reference = train(tmp_path, "reference", *args)
+
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fitmm", "train", "--out", str(out), *small_args(*args)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"fitmm train --resume {out}" in err
+    assert not (out / "summary.json").exists()
+    done = len(log.read_text().splitlines())
+    assert 3 <= done < 25
+
+    assert main(["train", "--resume", str(out)]) == 0
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["test"] == reference["test"]
+    assert resumed["best_epoch"] == reference["best_epoch"]
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert epochs == list(range(1, 26))
+
+
+def test_resume_needs_a_run(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "no resumable run" in capsys.readouterr().err
+
+
+def test_console_script_exit_codes(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "fitmm", "train", "--data", str(tmp_path / "x"), "--out",
+                          str(tmp_path / "r")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "dataset folder not found" in bad.stderr
+    usage = subprocess.run([sys.executable, "-m", "fitmm", "nonsense"], capture_output=True, text=True)
+    assert usage.returncode == 2

@@ -97,6 +97,13 @@ def test_bands_equal_truncated_svd(dtype, atol):
     assert energies[0] > energies[1] > energies[2]
 
 
+def test_float32_gram_option_matches_default_on_well_conditioned_input():
+    y = with_spectrum(40, SING, seed=1)[0].float()
+    fast = band_split(y, 3, gram_dtype=None)
+    assert_close(fast, band_split(y, 3), atol=1e-4, rtol=0)
+    assert_close(fast.sum(0), y, atol=1e-5, rtol=0)
+
+
 def test_projectors_are_orthogonal_projectors_summing_to_identity():
     y = torch.randn(30, 8, generator=gen(2), dtype=torch.float64)
     p = band_projectors(y, 3)

@@ -18,7 +18,7 @@ from .errors import InputError
 
 # Keys every run has, whatever the model. Models add their own (and may override `lr`).
 BASE_DEFAULTS: dict[str, Any] = {
-    "model": "lightgcn",
+    "model": "fitmm",
     "data": "synthetic",  # a dataset folder in MMRec format, or "synthetic"
     "inter_file": "",  # the .inter file inside `data`; "" = the only *.inter there
     "modalities": {},  # modality name -> .npy file inside `data`; {} = every *_feat.npy
@@ -172,3 +172,15 @@ def validate(config: dict[str, Any]) -> None:
             f"config key 'valid_metric': {config['valid_metric']!r} must be metric@K with metric one of "
             f"recall, ndcg, precision, map, hit and K in topk {ks}"
         )
+
+
+def cache_dir(config: dict[str, Any]) -> Path | None:
+    """Where derived data (kNN graphs) is cached: config key 'cache_dir' ('auto', 'none' or a folder)."""
+    import os
+
+    value = config["cache_dir"]
+    if value == "none":
+        return None
+    if value == "auto":
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fitmm"
+    return Path(value).expanduser()

@@ -41,23 +41,24 @@ def to_torch(m: sp.spmatrix, device="cpu") -> torch.Tensor:
         ).to(device)
 
 
-class _SymmetricSpMM(torch.autograd.Function):
-    """y = A @ x for a SYMMETRIC sparse A, whose backward is A @ grad (no transpose needed).
+class _SparseMatmul(torch.autograd.Function):
+    """y = A @ x with the backward A^T @ grad from a transpose prepared once.
 
     torch's generic sparse backward transposes A on every call, which costs more than the
-    product itself; normalised adjacencies are symmetric, so we skip it.
+    product itself; graphs are fixed, so their transposes are built once (and a symmetric
+    matrix, like a normalised adjacency, is its own transpose).
     """
 
     @staticmethod
-    def forward(ctx, adjacency, x):
-        ctx.adjacency = adjacency
-        return adjacency @ x
+    def forward(ctx, a, a_t, x):
+        ctx.a_t = a_t
+        return a @ x
 
     @staticmethod
     def backward(ctx, grad):
-        return None, ctx.adjacency @ grad
+        return None, None, ctx.a_t @ grad
 
 
-def symmetric_matmul(adjacency: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """adjacency @ x, with a fast backward; `adjacency` must be symmetric."""
-    return _SymmetricSpMM.apply(adjacency, x)
+def sparse_matmul(a: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ x for a fixed sparse `a`, differentiable in x; pass `a_t` (a's transpose) unless a is symmetric."""
+    return _SparseMatmul.apply(a, a if a_t is None else a_t, x)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..graphs import normalized_adjacency, symmetric_matmul, to_torch
+from ..graphs import normalized_adjacency, sparse_matmul, to_torch
 from .base import Recommender, bpr_loss, l2_penalty, register
 
 
@@ -16,7 +16,7 @@ def propagate(adjacency: torch.Tensor, x: torch.Tensor, n_layers: int) -> list[t
     """[x, Âx, Â²x, ...]: the outputs of `n_layers` LightGCN layers, layer 0 included (Â symmetric)."""
     layers = [x]
     for _ in range(n_layers):
-        layers.append(symmetric_matmul(adjacency, layers[-1]))
+        layers.append(sparse_matmul(adjacency, layers[-1]))
     return layers
 
 

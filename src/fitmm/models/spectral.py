@@ -24,8 +24,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 # Between-group eigenvalue gaps at or below GAP_RTOL * max|eigenvalue| are treated as
-# degenerate (their gradient term is dropped, see _GroupProjectors.backward). Eigenvalues are
-# computed in float64, so gaps this small are indistinguishable from round-off.
+# degenerate (their gradient term is dropped, see _GroupProjectors.backward). With the default
+# float64 Gram, gaps this small are indistinguishable from round-off. (With a float32 Gram,
+# round-off gaps are ~1e-7 relative: their terms stay finite, just large.)
 GAP_RTOL = 1e-12
 
 # Cosine similarity denominator floor: zero rows get cosine 0 instead of NaN.
@@ -40,8 +41,9 @@ def band_sizes(d: int, num_bands: int) -> list[int]:
     """Sizes of the M contiguous groups of singular directions: floor(d/M), with the first
     (d mod M) groups one larger, so that lower-frequency bands never get fewer directions.
     (64, 3) -> [22, 21, 21]."""
-    if not isinstance(num_bands, int) or isinstance(num_bands, bool):
-        raise ValueError(f"num_bands must be an int, got {num_bands!r}")
+    if isinstance(num_bands, bool) or not hasattr(num_bands, "__index__"):
+        raise ValueError(f"num_bands must be an integer, got {num_bands!r}")
+    num_bands = int(num_bands)
     if not 1 <= num_bands <= d:
         raise ValueError(
             f"num_bands must satisfy 1 <= num_bands <= d (each band needs at least one "
@@ -76,10 +78,10 @@ class _GroupProjectors(torch.autograd.Function):
     Tiny between-group gaps: a gap |l_i - l_j| <= GAP_RTOL * max|l| means the two groups
     share (numerically) an eigenvalue, where the projectors are not differentiable at all.
     We zero those terms rather than clamp the gap: clamping would produce gradients of size
-    ~1e12 that would swamp an optimiser step; zeroing treats the pair as if it were in one
-    group, which is the exact derivative of the nearest well-defined case (the projector onto
-    the union), and is what happens for rank-deficient inputs whose null directions straddle
-    a band boundary (there the numerator is zero in exact arithmetic anyway).
+    ~1e12 that would swamp an optimiser step; zeroing treats the pair like a within-group
+    pair (the tie is assumed not to be split). The common case is a rank-deficient input
+    whose null directions straddle a band boundary; for the bands y P_b the numerator of
+    such a term is exactly zero there (y v_i = y v_j = 0), so zero is the right value.
     """
 
     @staticmethod
@@ -115,34 +117,41 @@ class _GroupProjectors(torch.autograd.Function):
         return vec @ k @ vec.transpose(-1, -2), None
 
 
-def _gram64(y: Tensor) -> Tensor:
-    """Y^T Y in float64: eigenvalues are squared singular values, so float32 would lose the
-    small ones; the d x d Gram is cheap next to anything done on the n x d matrix."""
-    y64 = y.to(torch.float64)
-    return y64.transpose(-1, -2) @ y64
+def _gram(y: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """Y^T Y, accumulated in `dtype` (None: y's dtype), returned in float64 for eigh.
+
+    Eigenvalues are SQUARED singular values, so a float32 Gram resolves the small singular
+    directions only down to ~1e-7 * sigma_max^2; float64 keeps them (it is the default). On a
+    GPU the float64 d x d Gram is negligible; on a CPU it costs ~4x a float32 one."""
+    y = y if dtype is None else y.to(dtype)
+    return (y.transpose(-1, -2) @ y).to(torch.float64)
 
 
-def band_projectors(y: Tensor, num_bands: int) -> Tensor:
+def band_projectors(
+    y: Tensor, num_bands: int, *, gram_dtype: torch.dtype | None = torch.float64
+) -> Tensor:
     """Projectors P_b (M x d x d) onto the right singular directions of y (n x d) in band b.
 
-    Computed from eigh of the d x d Gram matrix (not an SVD of y), in float64, cast back to
-    y's dtype. Leading batch dims are allowed: (..., n, d) -> (..., M, d, d). The projectors
-    sum to the identity, so the bands always sum exactly to y. With num_bands == 1 the single
-    projector is the identity (no decomposition).
+    Computed from eigh of the d x d Gram matrix (not an SVD of y: far cheaper for n >> d),
+    eigh in float64, result cast back to y's dtype. Leading batch dims are allowed:
+    (..., n, d) -> (..., M, d, d). The projectors sum to the identity, so the bands always sum
+    exactly to y. With num_bands == 1 the single projector is the identity (no decomposition).
     """
     d = y.shape[-1]
     sizes = band_sizes(d, num_bands)
     if num_bands == 1:
         eye = torch.eye(d, dtype=y.dtype, device=y.device)
         return eye.expand(*y.shape[:-2], 1, d, d)
-    return _GroupProjectors.apply(_gram64(y), tuple(sizes)).to(y.dtype)
+    return _GroupProjectors.apply(_gram(y, gram_dtype), tuple(sizes)).to(y.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # 3. band splitting
 
 
-def band_split(y: Tensor, num_bands: int) -> Tensor:
+def band_split(
+    y: Tensor, num_bands: int, *, gram_dtype: torch.dtype | None = torch.float64
+) -> Tensor:
     """Bands of y (n x d) in y's own singular basis, stacked as (M x n x d).
 
     band_b(y) = y P_b = Q_G Sigma_G V_G^T for the group G of band b: mutually orthogonal,
@@ -151,10 +160,12 @@ def band_split(y: Tensor, num_bands: int) -> Tensor:
     if num_bands == 1:
         band_sizes(y.shape[-1], 1)  # validates d >= 1
         return y.unsqueeze(0)
-    return torch.einsum("ni,bij->bnj", y, band_projectors(y, num_bands))
+    return torch.einsum("ni,bij->bnj", y, band_projectors(y, num_bands, gram_dtype=gram_dtype))
 
 
-def modality_band_split(x: Tensor, chunk: int, num_bands: int) -> Tensor:
+def modality_band_split(
+    x: Tensor, chunk: int, num_bands: int, *, gram_dtype: torch.dtype | None = torch.float64
+) -> Tensor:
     """Per-modality bands of x (n x D), re-assembled per band as (M x n x D).
 
     x is the concatenation of D/chunk modality blocks [x_id | x_v | x_t ...]. Each block is
@@ -170,7 +181,7 @@ def modality_band_split(x: Tensor, chunk: int, num_bands: int) -> Tensor:
         return x.unsqueeze(0)
     c = dim // chunk
     blocks = x.reshape(n, c, chunk).transpose(0, 1)              # (C, n, chunk)
-    projs = band_projectors(blocks, num_bands)                   # (C, M, chunk, chunk)
+    projs = band_projectors(blocks, num_bands, gram_dtype=gram_dtype)  # (C, M, chunk, chunk)
     bands = torch.einsum("nci,cbij->bncj", x.reshape(n, c, chunk), projs)
     return bands.reshape(num_bands, n, dim)
 
@@ -235,7 +246,7 @@ def ib_loss(
 ) -> Tensor:
     """Penalise gates for departing from 1 (the "pass everything unchanged" point).
 
-    delta = g - 1 (clamped at 0 in 'pos' mode, where gates below 1 cannot occur by design);
+    delta = g - 1 (clamped at 0 in 'pos' mode: only amplification is penalised);
     loss = alpha * mean_rows ||delta||^2 + mu * mean_rows(||delta||_2 * sum_b relu(delta_b - phi+)).
     The first term is a plain energy cost; the second only bites on bands opened beyond the
     shut-off threshold phi+, which pushes each node to open few bands (sparsity).
@@ -259,9 +270,9 @@ def ib_loss(
 def _pairwise_cos_mse(z: Tensor) -> Tensor:
     """z (K x B x D) -> sum over ordered pairs k != l of mean_rows (cos(z_k, z_l) - 1)^2."""
     u = z / z.norm(dim=-1, keepdim=True).clamp_min(COS_EPS)
-    cos = torch.einsum("kbd,lbd->klb", u, u)
-    off = ~torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
-    return (cos[off] - 1.0).pow(2).mean(dim=-1).sum()
+    k = z.shape[0]
+    # Row-wise dot products per pair (K is tiny): far cheaper than a batched (K x D)(D x K) product.
+    return sum((u[i] * u[j]).sum(-1).sub(1.0).pow(2).mean() for i in range(k) for j in range(k) if i != j)
 
 
 def _uniform_ce(z: Tensor, tau: float) -> Tensor:

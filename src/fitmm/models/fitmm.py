@@ -1,0 +1,239 @@
+"""FITMM (Yang et al., ACM MM'25): frequency-aware, information-theoretic multimodal recommendation.
+
+Read top to bottom; the spectral pieces (bands, gate, IB, consistency) live in spectral.py, and
+`../shared/docs/fitmm-method.md` (sections in brackets below) is the specification.
+
+1. [§3] One LightGCN-style branch per modality: ID, plus one per content modality, whose item
+   rows come from an MLP over the item's (by default trainable) raw features. Layer outputs are
+   summed.
+2. [§4] Base views X_U, X_I (users weighted per modality) and graph-enhanced views: H_I = S X_I
+   over the item-item kNN graph, H_U = the users' ego tables (optionally smoothed over a
+   user-user kNN graph).
+3. [§5-6] Each 64-column modality chunk of each view is split into M orthogonal bands in its own
+   singular basis; within-band components Z_b = Band_b(base) + Band_b(enhanced).
+4. [§7] A residual gate per node and global band weights fuse the bands: e = Σ_b ω_b g_b Z_b.
+5. [§8] Loss = BCE (or BPR) + ib_weight · IB(gates of all users and items)
+   + cl_weight · consistency(bands of the batch's users and positive items).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import cache_dir
+from ..errors import InputError
+from ..graphs import normalized_adjacency, sparse_matmul, to_torch
+from ..knn import cached_mixed_knn_graph, default_modality_weights, user_knn_graph, validate_modality_weights
+from . import spectral
+from .base import Recommender, bpr_loss, register
+
+
+def _band_projectors(x: torch.Tensor, chunk: int, num_bands: int) -> torch.Tensor:
+    """Per-modality-chunk band projectors of x (n x D): (C, M, chunk, chunk), from the FULL matrix."""
+    n, dim = x.shape
+    return spectral.band_projectors(x.reshape(n, dim // chunk, chunk).transpose(0, 1), num_bands)
+
+
+def _apply_projectors(rows: torch.Tensor, projectors: torch.Tensor) -> torch.Tensor:
+    """Bands (M x n x D) of some rows, given projectors computed from the whole matrix."""
+    n, dim = rows.shape
+    c, m, chunk, _ = projectors.shape
+    bands = torch.einsum("nci,cbij->bncj", rows.reshape(n, c, chunk), projectors)
+    return bands.reshape(m, n, dim)
+
+
+@register
+class FITMM(Recommender):
+    name = "fitmm"
+    # The authors' released configuration (method spec §9), used for every dataset.
+    defaults = {
+        "lr": 1e-4,
+        "embedding_size": 64,  # d, per modality branch
+        "n_layers": 2,  # LightGCN layers over the user-item graph
+        "n_mm_layers": 1,  # item-item graph layers for the enhanced item view
+        "mlp_hidden": 256,  # hidden width of the raw-feature MLPs
+        "knn_k": 10,
+        "modality_weights": {},  # modality -> weight in the item graph; {} = 0.1 image / 0.9 text, else equal
+        "item_graph": True,  # ablation: false drops the enhanced item view H_I
+        "user_graph": False,  # optional user-user kNN graph over mean content features (spec §4)
+        "user_knn_k": 10,
+        "train_features": True,  # fine-tune the raw item features, as released; false freezes them
+        "num_bands": 3,  # M; 1 = no decomposition (ablation)
+        "gate": "pos",  # pos (sigmoid) | dual (tanh) | off (ablation: all gates 1)
+        "gate_scale_init": 0.5,
+        "loss": "bce",  # bce (as released) | bpr
+        "ib_weight": 1.0,
+        "ib_mode": "pos",  # pos: only gate openings above 1 are penalised | dual: both directions
+        "ib_alpha": 1.0,
+        "ib_mu": 1.0,
+        "ib_phi": 0.0,  # phi+, the shut-off threshold
+        "consistency": "cross_band",  # cross_band (as released) | cross_modal (as the paper words it) | none
+        "cl_weight": 0.001,
+        "cl_tau": 1.0,
+    }
+    choices = {
+        "gate": ("pos", "dual", "off"),
+        "ib_mode": ("pos", "dual"),
+        "loss": ("bce", "bpr"),
+        "consistency": ("cross_band", "cross_modal", "none"),
+    }
+
+    @classmethod
+    def check(cls, dataset, config):
+        for key, options in cls.choices.items():
+            if config[key] not in options:
+                raise InputError(f"config key '{key}': {config[key]!r} is not one of {', '.join(options)}")
+        d = config["embedding_size"]
+        if not 1 <= config["num_bands"] <= d:
+            raise InputError(f"config key 'num_bands': must be between 1 and embedding_size ({d}), got {config['num_bands']}")
+        if (config["item_graph"] or config["user_graph"]) and not dataset.features:
+            raise InputError(
+                f"{dataset.source}: fitmm's item/user kNN graphs need content features, and this dataset has none; "
+                f"add *_feat.npy files or run ID-only with --set item_graph=false"
+            )
+        for key in ("knn_k", "user_knn_k"):
+            if config[key] < 1:
+                raise InputError(f"config key '{key}': must be >= 1, got {config[key]}")
+        if config["modality_weights"]:
+            try:
+                validate_modality_weights(config["modality_weights"], dataset.modalities)
+            except ValueError as exc:
+                raise InputError(f"config key 'modality_weights': {exc}") from None
+
+    def __init__(self, dataset, config):
+        super().__init__(dataset, config)
+        d = self.d = config["embedding_size"]
+        self.modalities = dataset.modalities
+        n_branches = 1 + len(self.modalities)
+        self.num_bands = config["num_bands"]
+
+        # §3: per branch, a user ego table; items: an ID table, or an MLP over raw features.
+        self.user_ego = nn.ParameterList(
+            nn.Parameter(nn.init.xavier_normal_(torch.empty(self.n_users, d))) for _ in range(n_branches)
+        )
+        self.item_id = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))
+        self.features = nn.ParameterList()
+        self.mlps = nn.ModuleList()
+        for name in self.modalities:
+            feat = torch.from_numpy(dataset.features[name].copy())
+            self.features.append(nn.Parameter(feat, requires_grad=config["train_features"]))
+            self.mlps.append(nn.Sequential(
+                nn.Linear(feat.shape[1], config["mlp_hidden"]), nn.LeakyReLU(0.01), nn.Linear(config["mlp_hidden"], d),
+            ))
+        # §4: per-user modality weights, softmax of a xavier-normal draw, then trained freely.
+        self.user_modality_weights = nn.Parameter(
+            torch.softmax(nn.init.xavier_normal_(torch.empty(self.n_users, n_branches)), dim=1)
+        )
+        # §7: separate gates and band weights for users and items.
+        dim = d * n_branches
+        self.user_gate = spectral.ResidualGate(dim, self.num_bands, config["gate"], config["gate_scale_init"])
+        self.item_gate = spectral.ResidualGate(dim, self.num_bands, config["gate"], config["gate_scale_init"])
+        self.user_band_weights = spectral.BandWeights(self.num_bands)
+        self.item_band_weights = spectral.BandWeights(self.num_bands)
+
+        # Fixed graphs (not parameters, not saved: rebuilt from the data).
+        self.adjacency = to_torch(normalized_adjacency(dataset.train))
+        self.item_graph = self.item_graph_t = self.user_graph = self.user_graph_t = None
+        if dataset.features:
+            weights = config["modality_weights"] or default_modality_weights(self.modalities)
+        if config["item_graph"]:
+            s = cached_mixed_knn_graph(dataset.features, config["knn_k"], weights, dataset.fingerprint, cache_dir(config))
+            self.item_graph, self.item_graph_t = to_torch(s), to_torch(s.T.tocsr())
+        if config["user_graph"]:
+            s = user_knn_graph(dataset.train, dataset.features, config["user_knn_k"], weights)
+            self.user_graph, self.user_graph_t = to_torch(s), to_torch(s.T.tocsr())
+
+    def _apply(self, fn, *args, **kwargs):
+        # Keep the sparse graphs on the model's device (they are plain attributes, not buffers).
+        out = super()._apply(fn, *args, **kwargs)
+        for name in ("adjacency", "item_graph", "item_graph_t", "user_graph", "user_graph_t"):
+            graph = getattr(self, name, None)
+            if graph is not None:
+                setattr(self, name, fn(graph))
+        return out
+
+    # -- 1-2: branches and views --------------------------------------------------------------
+
+    def _views(self):
+        """Base and enhanced views (X_U, H_U, X_I, H_I); H_I is None without the item graph."""
+        item_ego = [self.item_id] + [mlp(feat) for mlp, feat in zip(self.mlps, self.features)]
+        branches = []
+        for user_ego, items in zip(self.user_ego, item_ego):
+            x = F.normalize(torch.cat([user_ego, items]), dim=1)
+            total = x
+            for _ in range(self.config["n_layers"]):
+                x = sparse_matmul(self.adjacency, x)
+                total = total + x  # layer SUM, as released (not LightGCN's mean)
+            branches.append(total)
+        w = self.user_modality_weights
+        x_u = torch.cat([w[:, m:m + 1] * b[: self.n_users] for m, b in enumerate(branches)], dim=1)
+        x_i = torch.cat([b[self.n_users:] for b in branches], dim=1)
+        h_i = None
+        if self.item_graph is not None:
+            h_i = x_i
+            for _ in range(self.config["n_mm_layers"]):
+                h_i = sparse_matmul(self.item_graph, h_i, self.item_graph_t)
+        h_u = torch.cat(list(self.user_ego), dim=1)
+        if self.user_graph is not None:
+            h_u = sparse_matmul(self.user_graph, h_u, self.user_graph_t)
+        return x_u, h_u, x_i, h_i
+
+    # -- 3-4: bands, gates, fusion ------------------------------------------------------------
+
+    def _side(self, base, enhanced, gate, band_weights, rows=None):
+        """Fused embeddings of `rows` (all when None), their bands, and the gates of ALL nodes.
+
+        Band projectors always come from the full matrices (the spectrum is a property of the
+        whole table); only the requested rows are projected.
+        """
+        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))  # backward: index_add
+        bands = _apply_projectors(pick(base), _band_projectors(base, self.d, self.num_bands))
+        if enhanced is not None:
+            bands = bands + _apply_projectors(pick(enhanced), _band_projectors(enhanced, self.d, self.num_bands))
+        gates = gate(base)
+        return spectral.fuse(bands, pick(gates), band_weights()), bands, gates
+
+    def embed(self):
+        x_u, h_u, x_i, h_i = self._views()
+        users, _, _ = self._side(x_u, h_u, self.user_gate, self.user_band_weights)
+        items, _, _ = self._side(x_i, h_i, self.item_gate, self.item_band_weights)
+        return users, items
+
+    # -- 5: losses ----------------------------------------------------------------------------
+
+    def loss(self, batch):
+        cfg = self.config
+        x_u, h_u, x_i, h_i = self._views()
+        item_rows = torch.cat([batch.pos_items, batch.neg_items])
+        users, user_bands, user_gates = self._side(x_u, h_u, self.user_gate, self.user_band_weights, batch.users)
+        items, item_bands, item_gates = self._side(x_i, h_i, self.item_gate, self.item_band_weights, item_rows)
+        n = len(batch.users)
+        pos = (users * items[:n]).sum(1)
+        neg = (users * items[n:]).sum(1)
+        if cfg["loss"] == "bce":
+            logits = torch.cat([pos, neg])
+            rec = F.binary_cross_entropy_with_logits(logits, torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]))
+        else:
+            rec = bpr_loss(pos, neg)
+        total = rec
+        parts = {"rec": rec.item()}
+        if cfg["ib_weight"] and cfg["gate"] != "off":
+            ib = sum(
+                spectral.ib_loss(g, cfg["ib_alpha"], cfg["ib_mu"], cfg["ib_phi"], cfg["ib_mode"])
+                for g in (user_gates, item_gates)
+            )
+            total = total + cfg["ib_weight"] * ib
+            parts["ib"] = ib.item()
+        if cfg["cl_weight"] and cfg["consistency"] != "none":
+            pos_bands = item_bands[:, :n]
+            if cfg["consistency"] == "cross_band":
+                cl = spectral.cross_band_consistency(user_bands, cfg["cl_tau"]) + \
+                    spectral.cross_band_consistency(pos_bands, cfg["cl_tau"])
+            else:
+                cl = spectral.cross_modal_consistency(user_bands, self.d, cfg["cl_tau"]) + \
+                    spectral.cross_modal_consistency(pos_bands, self.d, cfg["cl_tau"])
+            total = total + cfg["cl_weight"] * cl
+            parts["cl"] = cl.item()
+        return total, parts

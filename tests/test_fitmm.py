@@ -1,0 +1,164 @@
+"""The FITMM model: forward/loss contract, every ablation switch, and that it learns."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import small_args, small_dataset
+from fitmm.cli import main
+from fitmm.config import resolve
+from fitmm.data.sampling import TrainSampler
+from fitmm.errors import InputError
+from fitmm.models import model_class
+from fitmm.models.fitmm import FITMM
+
+
+def make(tmp_path, dataset=None, **overrides):
+    config = resolve([("test", {"cache_dir": str(tmp_path / "cache"), **overrides})], lambda n: model_class(n).defaults)
+    dataset = dataset or small_dataset()
+    FITMM.check(dataset, config)
+    torch.manual_seed(0)
+    return FITMM(dataset, config), dataset
+
+
+def batch_of(dataset, size=256):
+    return next(TrainSampler(dataset.train, seed=0).batches(size))
+
+
+def test_loss_parts_and_embedding_shapes(tmp_path):
+    model, ds = make(tmp_path)
+    loss, parts = model.loss(batch_of(ds))
+    assert set(parts) == {"rec", "ib", "cl"}
+    assert loss.item() == pytest.approx(parts["rec"] + parts["ib"] + 0.001 * parts["cl"], rel=1e-5)
+    loss.backward()
+    assert model.features[0].grad is not None  # raw features are trained by default, as released
+    users, items = model.embed()
+    assert users.shape == (ds.n_users, 64 * 3) and items.shape == (ds.n_items, 64 * 3)
+
+
+def test_bands_of_each_view_sum_to_the_view(tmp_path):
+    """Z = Band(X) + Band(H) summed over bands equals X + H: the decomposition loses nothing."""
+    model, _ = make(tmp_path)
+    x_u, h_u, x_i, h_i = model._views()
+    _, bands, _ = model._side(x_i, h_i, model.item_gate, model.item_band_weights)
+    torch.testing.assert_close(bands.sum(0), x_i + h_i, atol=1e-4, rtol=1e-4)
+    assert bands.shape[0] == 3
+
+
+def test_ablation_num_bands_1(tmp_path):
+    model, ds = make(tmp_path, num_bands=1)
+    x_u, h_u, x_i, h_i = model._views()
+    items, bands, gates = model._side(x_i, h_i, model.item_gate, model.item_band_weights)
+    assert bands.shape[0] == 1
+    torch.testing.assert_close(bands[0], x_i + h_i)  # no decomposition at all
+    _, parts = model.loss(batch_of(ds))
+    assert parts["cl"] == 0.0  # cross-band consistency has no pair of bands to compare
+
+
+def test_ablation_gate_off(tmp_path):
+    model, ds = make(tmp_path, gate="off")
+    assert not any("gate" in name for name, _ in model.named_parameters())
+    x_u, _, _, _ = model._views()
+    assert torch.equal(model.user_gate(x_u), torch.ones(ds.n_users, 3))
+    _, parts = model.loss(batch_of(ds))
+    assert "ib" not in parts  # nothing to regularise
+
+
+def test_ablation_ib_weight_0_and_consistency_none(tmp_path):
+    model, ds = make(tmp_path, ib_weight=0.0, consistency="none")
+    loss, parts = model.loss(batch_of(ds))
+    assert set(parts) == {"rec"}
+    assert loss.item() == pytest.approx(parts["rec"])
+
+
+def test_ablation_no_item_graph_changes_item_embeddings(tmp_path):
+    with_graph, ds = make(tmp_path)
+    without, _ = make(tmp_path, item_graph=False)
+    assert without.item_graph is None and with_graph.item_graph is not None
+    assert without._views()[3] is None
+    a, b = with_graph.embed()[1], without.embed()[1]
+    assert not torch.allclose(a, b)
+
+
+def test_consistency_variants_differ(tmp_path):
+    band, ds = make(tmp_path, consistency="cross_band")
+    modal, _ = make(tmp_path, consistency="cross_modal")
+    batch = batch_of(ds)
+    assert band.loss(batch)[1]["cl"] != pytest.approx(modal.loss(batch)[1]["cl"])
+
+
+def test_dual_gate_and_bpr_loss_run(tmp_path):
+    model, ds = make(tmp_path, gate="dual", ib_mode="dual", loss="bpr")
+    loss, _ = model.loss(batch_of(ds))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_frozen_features_do_not_change(tmp_path):
+    model, ds = make(tmp_path, train_features=False)
+    before = model.features[0].detach().clone()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss, _ = model.loss(batch_of(ds))
+    loss.backward()
+    optimizer.step()
+    assert torch.equal(model.features[0], before)
+    assert not model.features[0].requires_grad
+
+
+def test_user_graph_smooths_the_user_view(tmp_path):
+    plain, _ = make(tmp_path)
+    smoothed, _ = make(tmp_path, user_graph=True)
+    assert smoothed.user_graph is not None
+    torch.testing.assert_close(plain._views()[0], smoothed._views()[0])  # base view unchanged
+    assert not torch.allclose(plain._views()[1], smoothed._views()[1])  # enhanced user view smoothed
+
+
+def test_modalities_are_not_hard_wired(tmp_path):
+    from fitmm.data import synthetic
+
+    one = synthetic.generate(users=200, items=120, feature_dims={"audio": 12})
+    model, _ = make(tmp_path, dataset=one)
+    assert model.embed()[1].shape[1] == 64 * 2
+    three = synthetic.generate(users=200, items=120, feature_dims={"a": 8, "b": 8, "c": 8})
+    model, _ = make(tmp_path, dataset=three)
+    assert model.embed()[1].shape[1] == 64 * 4
+
+
+def test_id_only_dataset(tmp_path):
+    from fitmm.data import synthetic
+
+    ds = synthetic.generate(users=200, items=120, feature_dims={})
+    with pytest.raises(InputError, match="item_graph=false"):
+        make(tmp_path, dataset=ds)
+    model, _ = make(tmp_path, dataset=ds, item_graph=False)
+    assert model.embed()[0].shape == (200, 64)
+
+
+def test_bad_fitmm_settings_are_input_errors(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "r"), *small_args("num_bands=65")]) == 2
+    assert "'num_bands': must be between 1 and embedding_size (64)" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), *small_args("consistency=crossband")]) == 2
+    assert "'consistency': 'crossband' is not one of cross_band, cross_modal, none" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), *small_args("modality_weights={image: 0.5}")]) == 2
+    assert "modality_weights" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_item_graph_is_cached_on_disk(tmp_path):
+    make(tmp_path)
+    files = list((tmp_path / "cache").glob("knn-*.npz"))
+    assert len(files) == 1
+    make(tmp_path, knn_k=5)
+    assert len(list((tmp_path / "cache").glob("knn-*.npz"))) == 2
+
+
+def test_fitmm_learns_and_beats_most_popular(tmp_path):
+    base = [f"cache_dir={tmp_path / 'cache'}"]
+    assert main(["train", "--out", str(tmp_path / "pop"), *small_args("model=pop")]) == 0
+    assert main(["train", "--out", str(tmp_path / "fitmm"),
+                 *small_args(*base, "model=fitmm", "epochs=25", "lr=0.003", "batch_size=512")]) == 0
+    pop = json.loads((tmp_path / "pop" / "summary.json").read_text())
+    fit = json.loads((tmp_path / "fitmm" / "summary.json").read_text())
+    assert fit["test"]["recall@20"] > 1.2 * pop["test"]["recall@20"]

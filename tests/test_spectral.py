@@ -361,3 +361,22 @@ def test_end_to_end_pipeline_backward():
     loss.backward()
     for t in (x, h, gate.proj.weight, gate.scale, weights.phi):
         assert torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("loss", ["cross_band", "cross_modal"])
+def test_counted_rows_equal_the_expanded_batch(loss):
+    """Deduplicated rows with counts give exactly the loss (and gradient) of the repeated batch."""
+    torch.manual_seed(0)
+    unique = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    counts = torch.tensor([1, 3, 2, 1, 4])
+    expanded = unique.repeat_interleave(counts, dim=1)
+    if loss == "cross_band":
+        a = cross_band_consistency(unique, tau=0.7, counts=counts)
+        b = cross_band_consistency(expanded, tau=0.7)
+    else:
+        a = cross_modal_consistency(unique, chunk=4, tau=0.7, counts=counts)
+        b = cross_modal_consistency(expanded, chunk=4, tau=0.7)
+    torch.testing.assert_close(a, b)
+    (ga,) = torch.autograd.grad(a, unique)
+    (gb,) = torch.autograd.grad(b, unique)
+    torch.testing.assert_close(ga, gb)

@@ -206,12 +206,16 @@ class FITMM(Recommender):
     def loss(self, batch):
         cfg = self.config
         x_u, h_u, x_i, h_i = self._views()
-        item_rows = torch.cat([batch.pos_items, batch.neg_items])
-        users, user_bands, user_gates = self._side(x_u, h_u, self.user_gate, self.user_band_weights, batch.users)
-        items, item_bands, item_gates = self._side(x_i, h_i, self.item_gate, self.item_band_weights, item_rows)
+        # A batch repeats users and items: compute each once, weight by its count where it matters
+        # (the consistency terms), and expand back for the per-pair recommendation loss.
         n = len(batch.users)
-        pos = (users * items[:n]).sum(1)
-        neg = (users * items[n:]).sum(1)
+        users_u, user_at, user_counts = torch.unique(batch.users, return_inverse=True, return_counts=True)
+        items_u, item_at = torch.unique(torch.cat([batch.pos_items, batch.neg_items]), return_inverse=True)
+        users, user_bands, user_gates = self._side(x_u, h_u, self.user_gate, self.user_band_weights, users_u)
+        items, item_bands, item_gates = self._side(x_i, h_i, self.item_gate, self.item_band_weights, items_u)
+        u = users[user_at]
+        pos = (u * items[item_at[:n]]).sum(1)
+        neg = (u * items[item_at[n:]]).sum(1)
         if cfg["loss"] == "bce":
             logits = torch.cat([pos, neg])
             rec = F.binary_cross_entropy_with_logits(logits, torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]))
@@ -227,13 +231,15 @@ class FITMM(Recommender):
             total = total + cfg["ib_weight"] * ib
             parts["ib"] = ib.item()
         if cfg["cl_weight"] and cfg["consistency"] != "none":
-            pos_bands = item_bands[:, :n]
+            # Consistency runs over the batch's users and POSITIVE items (as released).
+            pos_u, pos_counts = torch.unique(batch.pos_items, return_counts=True)
+            pos_bands = item_bands[:, torch.searchsorted(items_u, pos_u)]
             if cfg["consistency"] == "cross_band":
-                cl = spectral.cross_band_consistency(user_bands, cfg["cl_tau"]) + \
-                    spectral.cross_band_consistency(pos_bands, cfg["cl_tau"])
+                cl = spectral.cross_band_consistency(user_bands, cfg["cl_tau"], user_counts) + \
+                    spectral.cross_band_consistency(pos_bands, cfg["cl_tau"], pos_counts)
             else:
-                cl = spectral.cross_modal_consistency(user_bands, self.d, cfg["cl_tau"]) + \
-                    spectral.cross_modal_consistency(pos_bands, self.d, cfg["cl_tau"])
+                cl = spectral.cross_modal_consistency(user_bands, self.d, cfg["cl_tau"], user_counts) + \
+                    spectral.cross_modal_consistency(pos_bands, self.d, cfg["cl_tau"], pos_counts)
             total = total + cfg["cl_weight"] * cl
             parts["cl"] = cl.item()
         return total, parts

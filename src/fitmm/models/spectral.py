@@ -267,38 +267,62 @@ def ib_loss(
 # 6. consistency losses
 
 
-def _pairwise_cos_mse(z: Tensor) -> Tensor:
+def _row_mean(values: Tensor, counts: Tensor | None) -> Tensor:
+    """Mean over rows, row r counted counts[r] times (None: once each)."""
+    if counts is None:
+        return values.mean(dim=-1)
+    c = counts.to(values.dtype)
+    return (values * c).sum(dim=-1) / c.sum()
+
+
+def _pairwise_cos_mse(z: Tensor, counts: Tensor | None = None) -> Tensor:
     """z (K x B x D) -> sum over ordered pairs k != l of mean_rows (cos(z_k, z_l) - 1)^2."""
     u = z / z.norm(dim=-1, keepdim=True).clamp_min(COS_EPS)
     k = z.shape[0]
     # Row-wise dot products per pair (K is tiny): far cheaper than a batched (K x D)(D x K) product.
-    return sum((u[i] * u[j]).sum(-1).sub(1.0).pow(2).mean() for i in range(k) for j in range(k) if i != j)
+    return sum(
+        _row_mean((u[i] * u[j]).sum(-1).sub(1.0).pow(2), counts) for i in range(k) for j in range(k) if i != j
+    )
 
 
-def _uniform_ce(z: Tensor, tau: float) -> Tensor:
+def _uniform_ce(z: Tensor, tau: float, counts: Tensor | None = None) -> Tensor:
     """Cross-entropy of the rows of softmax(z z^T / tau) (B x B) against a uniform target:
     mean_rows -(1/B) sum_j log softmax_ij. It spreads a band's batch similarities out, a
-    counterweight to the cosine terms that pull representations together."""
-    return -torch.log_softmax(z @ z.transpose(-1, -2) / tau, dim=-1).mean()
+    counterweight to the cosine terms that pull representations together.
+
+    With `counts`, row r of z stands for counts[r] identical batch rows (a batch repeats users
+    and items). The value is exactly that of the expanded batch, from a smaller matrix:
+    with n = sum(c), -mean log softmax = (1/n) sum_r c_r [log sum_s c_s e^{S_rs} - (1/n) sum_s c_s S_rs].
+    """
+    sim = z @ z.transpose(-1, -2) / tau
+    if counts is None:
+        return -torch.log_softmax(sim, dim=-1).mean()
+    c = counts.to(sim.dtype)
+    n = c.sum()
+    lse = torch.logsumexp(sim + c.log(), dim=-1)
+    return (c * (lse - (sim @ c) / n)).sum() / n
 
 
-def cross_band_consistency(bands: Tensor, tau: float = 1.0) -> Tensor:
+def cross_band_consistency(bands: Tensor, tau: float = 1.0, counts: Tensor | None = None) -> Tensor:
     """Cross-band consistency (the variant the released code trains), bands (M x B x D).
 
     sum over ordered band pairs m != n of mean_rows (cos(Z_m, Z_n) - 1)^2, plus the uniform
     cross-entropy of each upper-half band (0-based b >= M // 2), all divided by M(M-1).
     With M == 1 there are no pairs and the divisor is 0: returns a constant 0 (no graph).
+    `counts` (B,): how many batch rows each row stands for (see _uniform_ce); None = 1 each.
     """
     m = bands.shape[0]
     if m == 1:
         return bands.new_zeros(())
-    total = _pairwise_cos_mse(bands)
+    total = _pairwise_cos_mse(bands, counts)
     for b in range(m // 2, m):
-        total = total + _uniform_ce(bands[b], tau)
+        total = total + _uniform_ce(bands[b], tau, counts)
     return total / (m * (m - 1))
 
 
-def cross_modal_consistency(bands: Tensor, chunk: int, tau: float = 1.0) -> Tensor:
+def cross_modal_consistency(
+    bands: Tensor, chunk: int, tau: float = 1.0, counts: Tensor | None = None
+) -> Tensor:
     """Cross-modal consistency (the paper's "aligns modalities within each band").
 
     Interpretation of the spec ("for each band, MSE(cos, 1) between the id/v/t chunks
@@ -307,7 +331,7 @@ def cross_modal_consistency(bands: Tensor, chunk: int, tau: float = 1.0) -> Tens
     mean_rows (cos - 1)^2 (C(C-1) = 6 pairs for 3 modalities, which matches 6M); plus the
     uniform cross-entropy of the whole band for upper-half bands (0-based b >= M // 2), as in
     cross_band; total divided by C(C-1) * M. With a single chunk there is nothing to align
-    and the divisor is 0: returns a constant 0 (no graph).
+    and the divisor is 0: returns a constant 0 (no graph). `counts`: as in cross_band_consistency.
     """
     m, b, dim = bands.shape
     if chunk <= 0 or dim % chunk:
@@ -317,7 +341,7 @@ def cross_modal_consistency(bands: Tensor, chunk: int, tau: float = 1.0) -> Tens
         return bands.new_zeros(())
     total = bands.new_zeros(())
     for i in range(m):
-        total = total + _pairwise_cos_mse(bands[i].reshape(b, c, chunk).transpose(0, 1))
+        total = total + _pairwise_cos_mse(bands[i].reshape(b, c, chunk).transpose(0, 1), counts)
         if i >= m // 2:
-            total = total + _uniform_ce(bands[i], tau)
+            total = total + _uniform_ce(bands[i], tau, counts)
     return total / (c * (c - 1) * m)

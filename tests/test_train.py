@@ -112,3 +112,12 @@ def test_console_script_exit_codes(tmp_path):
     assert bad.returncode == 2 and "dataset folder not found" in bad.stderr
     usage = subprocess.run([sys.executable, "-m", "fitmm", "nonsense"], capture_output=True, text=True)
     assert usage.returncode == 2
+
+
+def test_clean_and_mmrec_select_the_same_checkpoint(tmp_path):
+    """Evaluating test during training draws no random numbers and changes no weights, so both
+    modes pick the same epoch and report the same test numbers; only clean never looks at test early."""
+    _, clean = train(tmp_path, "clean", "model=bpr", "epochs=8", "lr=0.02")
+    _, mmrec = train(tmp_path, "mmrec", "model=bpr", "epochs=8", "lr=0.02", "selection=mmrec")
+    assert clean["best_epoch"] == mmrec["best_epoch"]
+    assert clean["test"] == mmrec["test"]

@@ -70,6 +70,32 @@ def _read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def run_epoch(model, sampler: TrainSampler, optimizer, epoch: int, batch_size: int, device) -> dict[str, float]:
+    """One pass over the training interactions; returns the mean loss and loss parts."""
+    model.train()
+    model.start_epoch(epoch, sampler.rng)
+    totals: dict[str, float] = {}
+    n_batches = 0
+    for batch in sampler.batches(batch_size, model.uses_negatives, device):
+        loss, parts = model.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        totals["loss"] = totals.get("loss", 0.0) + loss.item()
+        for name, value in parts.items():
+            totals[name] = totals.get(name, 0.0) + value
+        n_batches += 1
+    return {k: v / max(1, n_batches) for k, v in totals.items()}
+
+
+def make_optimizer(model, config):
+    """Adam over the trainable parameters; None for models with nothing to train."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not (model.trainable and params):
+        return None
+    return torch.optim.Adam(params, lr=config["lr"], weight_decay=config["weight_decay"])
+
+
 def train(config: dict[str, Any], dataset: Dataset, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
     """Train `config["model"]` on `dataset`, writing the run directory; returns the summary."""
     run_dir = Path(run_dir)
@@ -78,11 +104,7 @@ def train(config: dict[str, Any], dataset: Dataset, run_dir: str | Path, resume:
     device = pick_device(config["device"])
     model = build_model(config, dataset, device)
     sampler = TrainSampler(dataset.train, seed=config["seed"])
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (
-        torch.optim.Adam(params, lr=config["lr"], weight_decay=config["weight_decay"])
-        if model.trainable and params else None
-    )
+    optimizer = make_optimizer(model, config)
     mmrec = config["selection"] == "mmrec"
     metric = config["valid_metric"]
     ks = config["topk"]
@@ -112,20 +134,7 @@ def train(config: dict[str, Any], dataset: Dataset, run_dir: str | Path, resume:
     )
     for epoch in bar:
         start = time.perf_counter()
-        model.train()
-        model.start_epoch(epoch, sampler.rng)
-        totals: dict[str, float] = {}
-        n_batches = 0
-        for batch in sampler.batches(config["batch_size"], model.uses_negatives, device):
-            loss, parts = model.loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            totals["loss"] = totals.get("loss", 0.0) + loss.item()
-            for name, value in parts.items():
-                totals[name] = totals.get(name, 0.0) + value
-            n_batches += 1
-        record: dict[str, Any] = {"epoch": epoch, **{k: v / max(1, n_batches) for k, v in totals.items()}}
+        record: dict[str, Any] = {"epoch": epoch, **run_epoch(model, sampler, optimizer, epoch, config["batch_size"], device)}
         record["train_seconds"] = time.perf_counter() - start
         if not math.isfinite(record.get("loss", 0.0)):
             raise FloatingPointError(f"epoch {epoch}: the training loss is {record['loss']}; lower lr")

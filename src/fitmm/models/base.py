@@ -43,6 +43,10 @@ def model_class(name: str) -> type["Recommender"]:
 class Recommender(nn.Module):
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    # Allowed values of string keys in `defaults` (checked before anything is written).
+    choices: ClassVar[dict[str, tuple]] = {}
+    # Hyper-parameter grid for searches: {config key: [values]} (the field's usual grid).
+    search_space: ClassVar[dict[str, list]] = {}
     # Models without negatives (e.g. BM3) set this False and the sampler skips drawing them.
     uses_negatives: ClassVar[bool] = True
     # Models with nothing to learn (most-popular) set this False and are only evaluated.
@@ -56,7 +60,13 @@ class Recommender(nn.Module):
 
     @classmethod
     def check(cls, dataset: Dataset, config: dict[str, Any]) -> None:
-        """Raise InputError when this model cannot run on `dataset` with `config` (before any write)."""
+        """Raise InputError when this model cannot run on `dataset` with `config` (before any write).
+
+        Subclasses extend it (call super().check first); the default checks `choices`.
+        """
+        for key, options in cls.choices.items():
+            if config[key] not in options:
+                raise InputError(f"config key '{key}': {config[key]!r} is not one of {', '.join(options)}")
 
     def start_epoch(self, epoch: int, rng: np.random.Generator) -> None:
         """Hook for per-epoch work (e.g. re-sampling a pruned graph)."""

@@ -82,9 +82,7 @@ class FITMM(Recommender):
 
     @classmethod
     def check(cls, dataset, config):
-        for key, options in cls.choices.items():
-            if config[key] not in options:
-                raise InputError(f"config key '{key}': {config[key]!r} is not one of {', '.join(options)}")
+        super().check(dataset, config)
         d = config["embedding_size"]
         if not 1 <= config["num_bands"] <= d:
             raise InputError(f"config key 'num_bands': must be between 1 and embedding_size ({d}), got {config['num_bands']}")

@@ -121,3 +121,14 @@ def test_clean_and_mmrec_select_the_same_checkpoint(tmp_path):
     _, mmrec = train(tmp_path, "mmrec", "model=bpr", "epochs=8", "lr=0.02", "selection=mmrec")
     assert clean["best_epoch"] == mmrec["best_epoch"]
     assert clean["test"] == mmrec["test"]
+
+
+def test_report_tables_runs_with_mean_and_std(tmp_path, capsys):
+    runs = [train(tmp_path, f"s{seed}", "model=pop", f"seed={seed}")[0] for seed in (1, 2)]
+    capsys.readouterr()
+    assert main(["report", *map(str, runs), "--metrics", "recall@20,ndcg@10"]) == 0
+    out = capsys.readouterr().out
+    assert "| pop | synthetic | clean | 2 |" in out
+    assert "± 0.0000" in out  # most-popular ignores the seed
+    assert main(["report", str(runs[0]), "--metrics", "recall@7"]) == 2
+    assert main(["report", str(tmp_path / "missing")]) == 2

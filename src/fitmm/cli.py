@@ -105,6 +105,19 @@ def cmd_data_synth(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import markdown_table, read_summaries
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    summaries = read_summaries(args.run_dirs)
+    for s in summaries:
+        missing = [m for m in metrics if m not in s[args.split]]
+        if missing:
+            raise InputError(f"{s['run']}: no metric {missing[0]} in summary.json; choose from {', '.join(s[args.split])}")
+    print(markdown_table(summaries, metrics, args.split))
+    return 0
+
+
 def cmd_help_config(args) -> int:
     from .models import REGISTRY
 
@@ -140,6 +153,12 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="re-evaluate a saved run's best checkpoint on validation and test")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="markdown table of finished runs, with mean ± std per model and dataset")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--metrics", default="recall@20,ndcg@20", help="comma-separated, e.g. recall@10,ndcg@10")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config", help="list every config key with its default")
     p.set_defaults(func=cmd_help_config)

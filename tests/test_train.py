@@ -99,6 +99,10 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert resumed["best_epoch"] == reference["best_epoch"]
     epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
     assert epochs == list(range(1, 26))
+    # Resuming a finished run trains nothing more and reports the same result.
+    assert main(["train", "--resume", str(out)]) == 0
+    assert len(log.read_text().splitlines()) == 25
+    assert json.loads((out / "summary.json").read_text())["test"] == reference["test"]
 
 
 def test_resume_needs_a_run(tmp_path, capsys):

@@ -122,12 +122,14 @@ def train(config: dict[str, Any], dataset: Dataset, run_dir: str | Path, resume:
         state = checkpoint["state"]
         # Epochs logged after the last checkpoint are re-run; drop their lines.
         kept = [r for r in _read_log(log_path) if r["epoch"] <= state["epoch"]]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        runio.atomic_write(log_path, lambda h: h.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
     else:
         runio.write_yaml(run_dir / "config.yaml", config)
         log_path.write_text("")
 
     epochs = config["epochs"] if model.trainable else 0
+    if state["bad_evals"] >= config["patience"]:  # resuming a run that had already stopped early
+        epochs = state["epoch"]
     bar = tqdm(
         range(state["epoch"] + 1, epochs + 1), initial=state["epoch"], total=epochs,
         desc=f"{config['model']}", unit="epoch", disable=not config["progress"], dynamic_ncols=True,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import small_args
@@ -32,7 +33,10 @@ def test_same_seed_same_numbers_and_run_files(tmp_path):
     _, c = train(tmp_path, "c", "model=lightgcn", "epochs=4", "seed=1")
     assert a["valid"] == b["valid"] and a["test"] == b["test"]
     assert a["test"] != c["test"]
-    assert {"config.yaml", "log.jsonl", "best.pt", "last.pt", "summary.json"} <= {p.name for p in out.iterdir()}
+    assert {"config.yaml", "log.jsonl", "best.pt", "last.pt", "summary.json", "per_user.npz"} <= {p.name for p in out.iterdir()}
+    per_user = np.load(out / "per_user.npz")
+    assert per_user["test/recall@20"].mean() == pytest.approx(a["test"]["recall@20"])
+    assert len(per_user["test/user"]) == len(per_user["test/ndcg@20"])
     for key in ("model", "dataset", "seed", "best_epoch", "epochs_run", "seconds_per_epoch", "eval_seconds"):
         assert key in a
     for key in ("recall@20", "ndcg@20", "precision@10", "map@10", "hit@10"):

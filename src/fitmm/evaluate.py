@@ -67,11 +67,16 @@ def summarize(per_user: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: Recommender, dataset: Dataset, splits: list[str], ks: list[int], batch_users: int = 1024):
-    """{split: mean metrics} for each split, from ONE call of model.embed()."""
+def evaluate_per_user(model: Recommender, dataset: Dataset, splits: list[str], ks: list[int], batch_users: int = 1024):
+    """{split: per-user metric arrays (and "user")} for each split, from ONE call of model.embed()."""
     was_training = model.training
     model.eval()
     embeddings = model.embed()
-    out = {split: summarize(rank_split(model, embeddings, dataset, split, ks, batch_users)) for split in splits}
+    out = {split: rank_split(model, embeddings, dataset, split, ks, batch_users) for split in splits}
     model.train(was_training)
     return out
+
+
+def evaluate(model: Recommender, dataset: Dataset, splits: list[str], ks: list[int], batch_users: int = 1024):
+    """{split: mean metrics} for each split, from ONE call of model.embed()."""
+    return {split: summarize(per_user) for split, per_user in evaluate_per_user(model, dataset, splits, ks, batch_users).items()}

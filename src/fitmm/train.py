@@ -6,7 +6,8 @@ Run directory (written only by `train`, each file atomically):
     log.jsonl     one line per epoch: losses, seconds, validation (and in mmrec mode test) metrics
     best.pt       the weights of the best validation epoch
     last.pt       everything needed to resume (weights, optimiser, random states, early-stopping state)
-    summary.json  the result (see `summarize_run`)
+    summary.json  the result (model, dataset, seed, best epoch, timings, valid and test metrics)
+    per_user.npz  per-user valid and test metrics of the best checkpoint ("test/recall@20", "test/user", ...)
     curves.png    training loss and validation metric per epoch (when matplotlib is installed)
 """
 
@@ -28,7 +29,7 @@ from . import runio
 from .data.dataset import Dataset
 from .data.sampling import TrainSampler
 from .errors import InputError
-from .evaluate import evaluate, evaluated_users
+from .evaluate import evaluate, evaluate_per_user, evaluated_users, summarize
 from .models import model_class
 
 
@@ -180,8 +181,12 @@ def finish(config, dataset, model, run_dir: Path, device) -> dict[str, Any]:
     else:  # nothing trained (most-popular, or epochs = 0): the model as built is the result
         runio.save_torch(best_path, {"model": model.state_dict(), "epoch": 0})
     start = time.perf_counter()
-    results = evaluate(model, dataset, ["valid", "test"], config["topk"], config["eval_batch_size"])
+    per_user = evaluate_per_user(model, dataset, ["valid", "test"], config["topk"], config["eval_batch_size"])
     eval_seconds = time.perf_counter() - start
+    results = {split: summarize(values) for split, values in per_user.items()}
+    # Per-user metrics allow paired significance tests between runs on the same data.
+    runio.atomic_write(run_dir / "per_user.npz", lambda h: np.savez_compressed(
+        h, **{f"{split}/{key}": values for split, arrays in per_user.items() for key, values in arrays.items()}))
     log = _read_log(run_dir / "log.jsonl")
     train_seconds = [r["train_seconds"] for r in log]
     summary = {

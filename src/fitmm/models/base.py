@@ -51,6 +51,11 @@ class Recommender(nn.Module):
     uses_negatives: ClassVar[bool] = True
     # Models with nothing to learn (most-popular) set this False and are only evaluated.
     trainable: ClassVar[bool] = True
+    # Models that use item content set this True; check() then refuses ID-only datasets.
+    needs_features: ClassVar[bool] = False
+    # Attributes holding fixed sparse graphs (torch sparse tensors or None): moved along with
+    # the model by .to(device) and never saved in checkpoints (they are rebuilt from the data).
+    graph_attributes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, dataset: Dataset, config: dict[str, Any]):
         super().__init__()
@@ -67,6 +72,19 @@ class Recommender(nn.Module):
         for key, options in cls.choices.items():
             if config[key] not in options:
                 raise InputError(f"config key '{key}': {config[key]!r} is not one of {', '.join(options)}")
+        if cls.needs_features and not dataset.features:
+            raise InputError(
+                f"{dataset.source or dataset.name}: model '{cls.name}' needs item content features and this "
+                f"dataset has none (ID-only); add <modality>_feat.npy files, or use an ID-only model (bpr, lightgcn, pop)"
+            )
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        for name in self.graph_attributes:
+            graph = getattr(self, name, None)
+            if graph is not None:
+                setattr(self, name, fn(graph))
+        return out
 
     def start_epoch(self, epoch: int, rng: np.random.Generator) -> None:
         """Hook for per-epoch work (e.g. re-sampling a pruned graph)."""

@@ -44,6 +44,7 @@ def negative_cosine(online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @register
 class BM3(Recommender):
     name = "bm3"
+    needs_features = True
     uses_negatives = False
     defaults = {
         "embedding_size": 64,
@@ -58,11 +59,6 @@ class BM3(Recommender):
     @classmethod
     def check(cls, dataset, config):
         super().check(dataset, config)
-        if not dataset.features:
-            raise InputError(
-                f"{dataset.source or dataset.name}: bm3 needs item content features (its modality alignment "
-                f"losses) and this dataset has none; add *_feat.npy files, or use an ID-only model such as lightgcn"
-            )
         if not 0.0 <= config["dropout"] < 1.0:
             raise InputError(f"config key 'dropout': must be in [0, 1), got {config['dropout']}")
         if config["n_layers"] < 0:

@@ -47,6 +47,7 @@ def _apply_projectors(rows: torch.Tensor, projectors: torch.Tensor) -> torch.Ten
 @register
 class FITMM(Recommender):
     name = "fitmm"
+    graph_attributes = ("adjacency", "item_graph", "item_graph_t", "user_graph", "user_graph_t")
     # The authors' released configuration (method spec §9), used for every dataset.
     defaults = {
         "lr": 1e-4,
@@ -142,15 +143,6 @@ class FITMM(Recommender):
         if config["user_graph"]:
             s = user_knn_graph(dataset.train, dataset.features, config["user_knn_k"], weights)
             self.user_graph, self.user_graph_t = to_torch(s), to_torch(s.T.tocsr())
-
-    def _apply(self, fn, *args, **kwargs):
-        # Keep the sparse graphs on the model's device (they are plain attributes, not buffers).
-        out = super()._apply(fn, *args, **kwargs)
-        for name in ("adjacency", "item_graph", "item_graph_t", "user_graph", "user_graph_t"):
-            graph = getattr(self, name, None)
-            if graph is not None:
-                setattr(self, name, fn(graph))
-        return out
 
     # -- 1-2: branches and views --------------------------------------------------------------
 

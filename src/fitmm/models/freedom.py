@@ -63,6 +63,8 @@ def degree_sensitive_sample(weights: np.ndarray, n_keep: int, rng: np.random.Gen
 @register
 class FREEDOM(Recommender):
     name = "freedom"
+    needs_features = True
+    graph_attributes = ("adjacency", "train_adjacency", "item_graph", "item_graph_t")
     defaults = {
         "embedding_size": 64,
         "lr": 1e-3,
@@ -79,12 +81,6 @@ class FREEDOM(Recommender):
     @classmethod
     def check(cls, dataset, config):
         super().check(dataset, config)
-        if not dataset.features:
-            raise InputError(
-                f"{dataset.source or dataset.name}: freedom needs item content features (for its item-item kNN "
-                f"graph and modality losses) and this dataset has none; add *_feat.npy files, or use an "
-                f"ID-only model such as lightgcn"
-            )
         if not 0.0 <= config["dropout"] < 1.0:
             raise InputError(f"config key 'dropout': the pruned fraction of edges must be in [0, 1), got {config['dropout']}")
         if not 1 <= config["knn_k"] <= dataset.n_items:
@@ -126,13 +122,6 @@ class FREEDOM(Recommender):
         self.edge_weights = 1.0 / np.sqrt(deg_u[self.edge_users] * deg_i[self.edge_items])
         self.adjacency = to_torch(normalized_adjacency(dataset.train))  # full graph: evaluation
         self.train_adjacency = self.adjacency  # pruned graph: replaced by start_epoch
-
-    def _apply(self, fn, *args, **kwargs):
-        # Keep the sparse graphs on the model's device (plain attributes, not buffers).
-        out = super()._apply(fn, *args, **kwargs)
-        for name in ("adjacency", "train_adjacency", "item_graph", "item_graph_t"):
-            setattr(self, name, fn(getattr(self, name)))
-        return out
 
     # -- 2: degree-sensitive edge pruning -----------------------------------------------------
 

@@ -50,6 +50,8 @@ from .smore import info_nce
 @register
 class LGMRec(Recommender):
     name = "lgmrec"
+    needs_features = True
+    graph_attributes = ("adjacency", "interactions", "interactions_t", "user_mean", "user_mean_t")
     defaults = {
         "embedding_size": 64,
         "lr": 1e-3,
@@ -72,11 +74,6 @@ class LGMRec(Recommender):
     @classmethod
     def check(cls, dataset, config):
         super().check(dataset, config)
-        if not dataset.modalities:
-            raise InputError(
-                f"{dataset.source or dataset.name}: lgmrec needs at least one content modality (item features), "
-                f"and this dataset has none; add *_feat.npy files or pick an ID-only model such as lightgcn"
-            )
         for key in ("embedding_size", "hyper_num"):
             if config[key] < 1:
                 raise InputError(f"config key '{key}': must be >= 1, got {config[key]}")
@@ -109,14 +106,6 @@ class LGMRec(Recommender):
         inv = np.divide(1.0, degree, out=np.zeros_like(degree), where=degree > 0)
         mean = (sp.diags(inv) @ r).tocsr()
         self.user_mean, self.user_mean_t = to_torch(mean), to_torch(mean.T.tocsr())
-
-    _GRAPHS = ("adjacency", "interactions", "interactions_t", "user_mean", "user_mean_t")
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        for name in self._GRAPHS:
-            setattr(self, name, fn(getattr(self, name)))
-        return out
 
     def features(self) -> list[torch.Tensor]:
         return [getattr(self, f"feat_{i}") for i in range(len(self.modalities))]

@@ -137,6 +137,8 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
 @register
 class SMORE(Recommender):
     name = "smore"
+    needs_features = True
+    graph_attributes = ("adjacency", "user_item", "user_item_t")
     defaults = {
         "embedding_size": 64,
         "lr": 1e-3,
@@ -160,11 +162,6 @@ class SMORE(Recommender):
     @classmethod
     def check(cls, dataset, config):
         super().check(dataset, config)
-        if not dataset.modalities:
-            raise InputError(
-                f"{dataset.source or dataset.name}: smore needs at least one content modality (item features), "
-                f"and this dataset has none; add *_feat.npy files or pick an ID-only model such as lightgcn"
-            )
         for key in ("embedding_size",):
             if config[key] < 1:
                 raise InputError(f"config key '{key}': must be >= 1, got {config[key]}")
@@ -222,9 +219,7 @@ class SMORE(Recommender):
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        for name in ("adjacency", "user_item", "user_item_t"):
-            setattr(self, name, fn(getattr(self, name)))
-        self.item_graphs = [(fn(a), fn(a_t)) for a, a_t in self.item_graphs]
+        self.item_graphs = [(fn(a), fn(a_t)) for a, a_t in self.item_graphs]  # one pair per modality
         return out
 
     def features(self) -> list[torch.Tensor]:

@@ -44,17 +44,13 @@ def concatenated_features(dataset) -> torch.Tensor:
 @register
 class VBPR(Recommender):
     name = "vbpr"
+    needs_features = True
     defaults = {"embedding_size": 64, "lr": 1e-3, "reg_weight": 1e-4}
     search_space = {"reg_weight": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
 
     @classmethod
     def check(cls, dataset, config):
         super().check(dataset, config)
-        if not dataset.features:
-            raise InputError(
-                f"{dataset.source or dataset.name}: vbpr needs item content features and this dataset has none "
-                f"(ID-only); add *_feat.npy files, or use an ID-only model such as bpr or lightgcn"
-            )
         d = config["embedding_size"]
         if d < 2 or d % 2:
             raise InputError(

@@ -118,6 +118,22 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import parse_models, parse_seeds, run_bench
+
+    models = parse_models(args.models)
+    seeds = parse_seeds(args.seeds, args.seed_list)
+    shared = parse_set(args.set or [])
+    try:
+        result = run_bench(args.out, models, seeds, shared, data=args.data or "synthetic", grid=args.grid)
+    except KeyboardInterrupt:
+        print(f"fitmm: interrupted; finished runs are kept: run the same `fitmm bench` command to continue {args.out}",
+              file=sys.stderr)
+        return 130
+    print(result["table"], end="")
+    return 0
+
+
 def cmd_help_config(args) -> int:
     from .models import REGISTRY
 
@@ -159,6 +175,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="recall@20,ndcg@20", help="comma-separated, e.g. recall@10,ndcg@10")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="train several models over several seeds; mean ± std table with significance tests")
+    p.add_argument("--models", help="comma-separated, the first one compared with each other "
+                   "(default: fitmm,freedom,smore,lgmrec,bm3,vbpr,lightgcn,bpr,pop)")
+    p.add_argument("--data", help="MMRec dataset folder, or 'synthetic' (default)")
+    p.add_argument("--seeds", type=int, help="run seeds 1..N (default 5)")
+    p.add_argument("--seed-list", metavar="S1,S2,...", help="run these seeds instead, e.g. 1,2,3")
+    p.add_argument("--grid", action="store_true", help="search each model's grid with the first seed and keep "
+                   "the best on validation (keys given with --set are not searched)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config key for every model (repeatable)")
+    p.add_argument("--out", required=True, help="bench folder; re-run the same command to continue it")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("config", help="list every config key with its default")
     p.set_defaults(func=cmd_help_config)

@@ -36,6 +36,11 @@ def build_config(args) -> dict:
     return config
 
 
+def run_config(run_dir: Path) -> dict:
+    """The resolved configuration saved in a run directory (re-validated against today's keys)."""
+    return resolve([(f"{run_dir}/config.yaml", read_config_file(run_dir / "config.yaml"))], _model_defaults)
+
+
 def cmd_train(args) -> int:
     from . import data
     from .train import check_run, train
@@ -44,7 +49,7 @@ def cmd_train(args) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "last.pt").is_file() or not (run_dir / "config.yaml").is_file():
             raise InputError(f"{run_dir}: no resumable run here (config.yaml and last.pt are needed)")
-        config = resolve([(f"{run_dir}/config.yaml", read_config_file(run_dir / "config.yaml"))], _model_defaults)
+        config = run_config(run_dir)
     else:
         if not args.out:
             raise InputError("fitmm train: --out RUN_DIR is required (the folder the run is written to)")
@@ -72,7 +77,7 @@ def cmd_evaluate(args) -> int:
     for name in ("config.yaml", "best.pt"):
         if not (run_dir / name).is_file():
             raise InputError(f"{run_dir}: missing {name}; pass a run directory written by `fitmm train`")
-    config = resolve([(f"{run_dir}/config.yaml", read_config_file(run_dir / "config.yaml"))], _model_defaults)
+    config = run_config(run_dir)
     dataset = data.load(config)
     device = pick_device(config["device"])
     model = build_model(config, dataset, device)

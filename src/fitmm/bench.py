@@ -356,7 +356,7 @@ def selection_markdown(plans: list[ModelPlan], valid_metric: str, first_seed: in
 def plot_bench(rows: list[dict], path: Path) -> bool:
     """Grouped bars of mean test Recall@20 and NDCG@20 per model with std error bars;
     returns False when matplotlib is missing."""
-    from .plots import _pyplot
+    from .plots import _pyplot, save_figure
 
     plt = _pyplot()
     if plt is None:
@@ -372,11 +372,7 @@ def plot_bench(rows: list[dict], path: Path) -> bool:
     ax.set_ylabel("test (mean ± std over seeds)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    runio.atomic_write(path, lambda h: h.write(buffer.getvalue()))
+    save_figure(fig, path)
     return True
 
 

@@ -19,6 +19,17 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    runio.atomic_write(path, lambda h: h.write(buffer.getvalue()))
+
+
 def plot_training_curves(log: list[dict], metric: str, path: Path) -> bool:
     """Training loss and validation `metric` per epoch; returns False when matplotlib is missing."""
     plt = _pyplot()
@@ -38,9 +49,5 @@ def plot_training_curves(log: list[dict], metric: str, path: Path) -> bool:
     ax_metric.legend()
     for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    runio.atomic_write(path, lambda h: h.write(buffer.getvalue()))
+    save_figure(fig, path)
     return True

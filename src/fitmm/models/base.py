@@ -23,6 +23,7 @@ from ..config import suggest
 from ..data.dataset import Dataset
 from ..data.sampling import Batch
 from ..errors import InputError
+from ..knn import validate_modality_weights
 
 REGISTRY: dict[str, type["Recommender"]] = {}
 
@@ -77,6 +78,15 @@ class Recommender(nn.Module):
                 f"{dataset.source or dataset.name}: model '{cls.name}' needs item content features and this "
                 f"dataset has none (ID-only); add <modality>_feat.npy files, or use an ID-only model (bpr, lightgcn, pop)"
             )
+
+    @staticmethod
+    def check_modality_weights(dataset: Dataset, config: dict[str, Any], key: str = "modality_weights") -> None:
+        """A non-empty {modality: weight} mapping must name the dataset's modalities and sum to 1."""
+        if config[key]:
+            try:
+                validate_modality_weights(config[key], dataset.modalities)
+            except ValueError as exc:
+                raise InputError(f"config key '{key}': {exc}") from None
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)

@@ -25,7 +25,7 @@ from torch import nn
 from ..config import cache_dir
 from ..errors import InputError
 from ..graphs import normalized_adjacency, sparse_matmul, to_torch
-from ..knn import cached_mixed_knn_graph, default_modality_weights, user_knn_graph, validate_modality_weights
+from ..knn import cached_mixed_knn_graph, default_modality_weights, user_knn_graph
 from . import spectral
 from .base import Recommender, bpr_loss, register
 
@@ -95,11 +95,7 @@ class FITMM(Recommender):
         for key in ("knn_k", "user_knn_k"):
             if config[key] < 1:
                 raise InputError(f"config key '{key}': must be >= 1, got {config[key]}")
-        if config["modality_weights"]:
-            try:
-                validate_modality_weights(config["modality_weights"], dataset.modalities)
-            except ValueError as exc:
-                raise InputError(f"config key 'modality_weights': {exc}") from None
+        cls.check_modality_weights(dataset, config)
 
     def __init__(self, dataset, config):
         super().__init__(dataset, config)

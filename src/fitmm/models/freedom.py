@@ -43,7 +43,7 @@ from torch import nn
 from ..config import cache_dir
 from ..errors import InputError
 from ..graphs import normalized_adjacency, sparse_matmul, to_torch
-from ..knn import cached_mixed_knn_graph, default_modality_weights, validate_modality_weights
+from ..knn import cached_mixed_knn_graph, default_modality_weights
 from .base import Recommender, bpr_loss, l2_penalty, register
 from .lightgcn import propagate
 
@@ -88,11 +88,7 @@ class FREEDOM(Recommender):
         for key in ("n_ui_layers", "n_mm_layers"):
             if config[key] < 0:
                 raise InputError(f"config key '{key}': must be >= 0, got {config[key]}")
-        if config["modality_weights"]:
-            try:
-                validate_modality_weights(config["modality_weights"], dataset.modalities)
-            except ValueError as exc:
-                raise InputError(f"config key 'modality_weights': {exc}") from None
+        cls.check_modality_weights(dataset, config)
 
     def __init__(self, dataset, config):
         super().__init__(dataset, config)

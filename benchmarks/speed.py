@@ -156,8 +156,8 @@ def main(argv=None) -> int:
         "peak_rss_mb": peak_rss_mb(),
     }
     print()
-    print(f"| model | scale (features synthetic) | s/epoch | eval s | graph s | peak RSS MB | threads |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| model | scale (features synthetic) | s/epoch | eval s | graph s | peak RSS MB | threads |")
+    print("|---|---|---|---|---|---|---|")
     graph = f"{graph_seconds:.1f}" if graph_seconds is not None else "-"
     print(f"| {args.model} | {args.scale} | {result['seconds_per_epoch']:.2f} | {eval_seconds:.2f} | {graph} "
           f"| {result['peak_rss_mb']:.0f} | {result['threads']} |")

@@ -79,6 +79,18 @@ class Recommender(nn.Module):
                 f"dataset has none (ID-only); add <modality>_feat.npy files, or use an ID-only model (bpr, lightgcn, pop)"
             )
 
+    def add_modality_projections(self, dataset: Dataset, dim: int) -> None:
+        """Frozen item features per modality (buffers, not saved: they are data) and, as
+        `self.projections`, a trainable linear map of each to `dim`; `item_features()` lists them."""
+        self.projections = nn.ModuleList()
+        for m, name in enumerate(dataset.modalities):
+            feat = torch.from_numpy(np.ascontiguousarray(dataset.features[name], dtype=np.float32))
+            self.register_buffer(f"item_features_{m}", feat, persistent=False)
+            self.projections.append(nn.Linear(feat.shape[1], dim))
+
+    def item_features(self) -> list[torch.Tensor]:
+        return [getattr(self, f"item_features_{m}") for m in range(len(self.projections))]
+
     @staticmethod
     def check_modality_weights(dataset: Dataset, config: dict[str, Any], key: str = "modality_weights") -> None:
         """A non-empty {modality: weight} mapping must name the dataset's modalities and sum to 1."""

@@ -25,7 +25,6 @@ how this file does it):
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,11 +68,7 @@ class BM3(Recommender):
         d = config["embedding_size"]
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, d)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))
-        self.projections = nn.ModuleList()
-        for m, name in enumerate(dataset.modalities):
-            feat = torch.from_numpy(np.asarray(dataset.features[name], dtype=np.float32))
-            self.register_buffer(f"features_{m}", feat, persistent=False)
-            self.projections.append(nn.Linear(feat.shape[1], d))
+        self.add_modality_projections(dataset, d)
         self.predictor = nn.Linear(d, d)
         self.register_buffer("adjacency", to_torch(normalized_adjacency(dataset.train)), persistent=False)
 
@@ -95,7 +90,7 @@ class BM3(Recommender):
 
         align = mask = torch.zeros((), device=h_u.device)
         for m, proj in enumerate(self.projections):
-            h_m = proj(getattr(self, f"features_{m}")[batch.pos_items])
+            h_m = proj(self.item_features()[m][batch.pos_items])
             on_m = self.predictor(h_m)
             align = align + negative_cosine(on_m, tg_i)
             mask = mask + negative_cosine(on_m, self._target(h_m))

@@ -98,11 +98,7 @@ class FREEDOM(Recommender):
 
         # Modality projections h_i^m = W_m x_i^m + b_m (features are data: not saved in checkpoints).
         self.modalities = dataset.modalities
-        self.projections = nn.ModuleList()
-        for m, name in enumerate(self.modalities):
-            feat = torch.from_numpy(np.asarray(dataset.features[name], dtype=np.float32))
-            self.register_buffer(f"features_{m}", feat, persistent=False)
-            self.projections.append(nn.Linear(feat.shape[1], d))
+        self.add_modality_projections(dataset, d)
 
         # 1. The frozen item-item graph (not symmetric: its transpose is kept for the backward pass).
         weights = config["modality_weights"] or default_modality_weights(self.modalities)
@@ -163,8 +159,8 @@ class FREEDOM(Recommender):
         parts = {"bpr": rec.item()}
         if cfg["reg_weight"]:
             modal = sum(
-                bpr_loss((u * proj(getattr(self, f"features_{m}")[batch.pos_items])).sum(1),
-                         (u * proj(getattr(self, f"features_{m}")[batch.neg_items])).sum(1))
+                bpr_loss((u * proj(self.item_features()[m][batch.pos_items])).sum(1),
+                         (u * proj(self.item_features()[m][batch.neg_items])).sum(1))
                 for m, proj in enumerate(self.projections)
             )
             total = total + cfg["reg_weight"] * modal

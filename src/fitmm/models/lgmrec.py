@@ -91,13 +91,11 @@ class LGMRec(Recommender):
         self.modalities = dataset.modalities
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, d)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))
-        self.projections = nn.ModuleList()
-        self.hyperedges = nn.ParameterList()
-        for i, name in enumerate(self.modalities):
-            feat = torch.from_numpy(np.ascontiguousarray(dataset.features[name], dtype=np.float32))
-            self.register_buffer(f"feat_{i}", feat, persistent=False)
-            self.projections.append(nn.Linear(feat.shape[1], d))
-            self.hyperedges.append(nn.Parameter(nn.init.xavier_uniform_(torch.empty(config["hyper_num"], feat.shape[1]))))
+        self.add_modality_projections(dataset, d)
+        self.hyperedges = nn.ParameterList(
+            nn.Parameter(nn.init.xavier_uniform_(torch.empty(config["hyper_num"], feat.shape[1])))
+            for feat in self.item_features()
+        )
 
         self.adjacency = to_torch(normalized_adjacency(dataset.train))
         r = sp.csr_matrix(dataset.train, dtype=np.float32)
@@ -107,9 +105,6 @@ class LGMRec(Recommender):
         mean = (sp.diags(inv) @ r).tocsr()
         self.user_mean, self.user_mean_t = to_torch(mean), to_torch(mean.T.tocsr())
 
-    def features(self) -> list[torch.Tensor]:
-        return [getattr(self, f"feat_{i}") for i in range(len(self.modalities))]
-
     # -- hypergraph ---------------------------------------------------------------------------
 
     def hyperedge_dependencies(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -118,7 +113,7 @@ class LGMRec(Recommender):
         Gumbel-softmax over the A hyperedges in training (when `gumbel`), plain softmax otherwise.
         """
         out = []
-        for feat, edges in zip(self.features(), self.hyperedges):
+        for feat, edges in zip(self.item_features(), self.hyperedges):
             logits = feat @ edges.T
             if self.training and self.config["gumbel"]:
                 items = F.gumbel_softmax(logits, tau=1.0, hard=False, dim=1)
@@ -153,7 +148,7 @@ class LGMRec(Recommender):
         ego = torch.cat([self.user_emb, self.item_emb])
         collaborative = torch.stack(propagate(self.adjacency, ego, cfg["n_ui_layers"])).mean(0)
         local = collaborative
-        for proj, feat in zip(self.projections, self.features()):
+        for proj, feat in zip(self.projections, self.item_features()):
             items = proj(feat)
             users = sparse_matmul(self.user_mean, items, self.user_mean_t)
             modal = torch.cat([users, items])

@@ -186,11 +186,7 @@ class SMORE(Recommender):
         self.modalities = dataset.modalities
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, d)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))
-        self.projections = nn.ModuleList()
-        for i, name in enumerate(self.modalities):
-            feat = torch.from_numpy(np.ascontiguousarray(dataset.features[name], dtype=np.float32))
-            self.register_buffer(f"feat_{i}", feat, persistent=False)
-            self.projections.append(nn.Linear(feat.shape[1], d))
+        self.add_modality_projections(dataset, d)
         # Complex responses stored as real (d//2+1, 2) tensors, initialised all-pass.
         self.filters = nn.ParameterList(nn.Parameter(all_pass(d)) for _ in self.modalities)
         self.fusion_filter = nn.Parameter(all_pass(d))
@@ -222,14 +218,11 @@ class SMORE(Recommender):
         self.item_graphs = [(fn(a), fn(a_t)) for a, a_t in self.item_graphs]  # one pair per modality
         return out
 
-    def features(self) -> list[torch.Tensor]:
-        return [getattr(self, f"feat_{i}") for i in range(len(self.modalities))]
-
     # -- 1-3: views ---------------------------------------------------------------------------
 
     def spectral_views(self) -> list[torch.Tensor]:
         """Item representations per view (I x d): the filtered modalities, then the fused one."""
-        projected = [proj(feat) for proj, feat in zip(self.projections, self.features())]
+        projected = [proj(feat) for proj, feat in zip(self.projections, self.item_features())]
         uni, fused = spectral_fusion(projected, list(self.filters), self.fusion_filter)
         return [self.dropout(x) for x in (*uni, fused)]
 

@@ -10,7 +10,10 @@ Datasets (every output labels the features synthetic):
                             1,689,188 interactions, split 8:1:1 per user) with the same feature shapes.
 Measured: graph_seconds (building the item kNN graph, no cache), seconds_per_epoch (median over
 --epochs epochs after one warm-up epoch), eval_seconds (one full validation + test ranking),
-peak_rss_mb (the process's peak resident memory, everything included).
+peak_rss_mb (the process's peak resident memory, everything included), gflop_per_step (the
+dense matrix-product FLOPs of one training step, counted by torch's FlopCounterMode; sparse
+graph products and element-wise work are not counted). --profile N prints torch.profiler's
+top operators over N training steps.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from fitmm.data.sampling import TrainSampler
 from fitmm.data.synthetic import split_per_user
 from fitmm.evaluate import evaluate
 from fitmm.models import model_class
-from fitmm.train import build_model, make_optimizer, run_epoch
+from fitmm.train import build_model, keep_freed_memory, make_optimizer, run_epoch
 
 AMAZON = {"baby": "amazon_baby", "sports": "amazon_sports", "clothing": "amazon_clothing"}
 ELEC = {"users": 192_403, "items": 63_001, "interactions": 1_689_188}
@@ -98,6 +101,34 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _one_step(model, batch, optimizer):
+    optimizer.zero_grad(set_to_none=True)
+    loss, _ = model.loss(batch)
+    loss.backward()
+    optimizer.step()
+
+
+def step_gflop(model, sampler, optimizer, config, device) -> float:
+    """Dense matmul GFLOP of one training step (forward + backward), by FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = next(iter(sampler.batches(config["batch_size"], model.uses_negatives, device)))
+    with FlopCounterMode(display=False) as counter:
+        _one_step(model, batch, optimizer)
+    return counter.get_total_flops() / 1e9
+
+
+def print_profile(model, sampler, optimizer, config, device, steps: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = sampler.batches(config["batch_size"], model.uses_negatives, device)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _, batch in zip(range(steps), batches):
+            _one_step(model, batch, optimizer)
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=28, max_shapes_column_width=60))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="fitmm")
@@ -107,7 +138,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--json", type=Path, help="write the measurements here")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N training steps and print the top operators")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as `fitmm train` does
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -136,6 +169,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     evaluate(model, dataset, ["valid", "test"], config["topk"], config["eval_batch_size"])
     eval_seconds = time.perf_counter() - start
+    gflop = step_gflop(model, sampler, optimizer, config, device)
+    if args.profile:
+        print_profile(model, sampler, optimizer, config, device, args.profile)
 
     result = {
         "model": args.model,
@@ -154,13 +190,15 @@ def main(argv=None) -> int:
         "eval_seconds": eval_seconds,
         "graph_seconds": graph_seconds,
         "peak_rss_mb": peak_rss_mb(),
+        "gflop_per_step": gflop,
+        "steps_per_epoch": -(-int(dataset.train.nnz) // config["batch_size"]),
     }
     print()
-    print("| model | scale (features synthetic) | s/epoch | eval s | graph s | peak RSS MB | threads |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | scale (features synthetic) | s/epoch | eval s | graph s | peak RSS MB | GFLOP/step | threads |")
+    print("|---|---|---|---|---|---|---|---|")
     graph = f"{graph_seconds:.1f}" if graph_seconds is not None else "-"
     print(f"| {args.model} | {args.scale} | {result['seconds_per_epoch']:.2f} | {eval_seconds:.2f} | {graph} "
-          f"| {result['peak_rss_mb']:.0f} | {result['threads']} |")
+          f"| {result['peak_rss_mb']:.0f} | {gflop:.1f} | {result['threads']} |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -214,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "path", None) is not None:
         args.data = args.path
+    if getattr(args, "func", None) in (cmd_train, cmd_evaluate, cmd_bench):
+        from .train import keep_freed_memory
+
+        keep_freed_memory()
     try:
         return args.func(args)
     except InputError as exc:

@@ -31,35 +31,52 @@ def _rows_to_dense(m: sp.csr_matrix, rows: np.ndarray, device) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def rank_split(
+def rank_splits(
     model: Recommender,
     embeddings: tuple[torch.Tensor, torch.Tensor],
     dataset: Dataset,
-    split: str,
+    splits: list[str],
     ks: list[int],
     batch_users: int = 1024,
-) -> dict[str, np.ndarray]:
-    """Per-user metric arrays (plus "user": the evaluated user ids) for one split."""
+) -> dict[str, dict[str, np.ndarray]]:
+    """{split: per-user metric arrays (plus "user": the evaluated user ids)} for several splits.
+
+    Every split masks the same (training) items, so a user's top-K list is the same for all of
+    them: each chunk of users is scored and ranked ONCE, then checked against each split.
+    """
     user_vecs, item_vecs = embeddings
     device = item_vecs.device
-    users = evaluated_users(dataset, split)
     k_max = min(max(ks), dataset.n_items)
-    held_out = dataset.split(split)
-    n_relevant = np.diff(held_out.indptr)[users]
-    hits = np.zeros((len(users), k_max), dtype=bool)
-    for start in range(0, len(users), batch_users):
-        chunk = users[start:start + batch_users]
+    users = {split: evaluated_users(dataset, split) for split in splits}
+    everyone = np.unique(np.concatenate(list(users.values())))
+    top_all = np.zeros((len(everyone), k_max), dtype=np.int64)
+    for start in range(0, len(everyone), batch_users):
+        chunk = everyone[start:start + batch_users]
         scores = model.score(user_vecs[torch.from_numpy(chunk).to(device)], item_vecs).float()
         rows, cols = _rows_to_dense(dataset.train, chunk, device)
         scores[rows, cols] = -torch.inf
-        top = torch.topk(scores, k_max, dim=1).indices
-        relevant = torch.zeros_like(scores, dtype=torch.bool)
-        rows, cols = _rows_to_dense(held_out, chunk, device)
-        relevant[rows, cols] = True
-        hits[start:start + len(chunk)] = relevant.gather(1, top).cpu().numpy()
-    per_user = ranking_metrics(hits, n_relevant, [k for k in ks if k <= k_max])
-    per_user["user"] = users
-    return per_user
+        top_all[start:start + len(chunk)] = torch.topk(scores, k_max, dim=1).indices.cpu().numpy()
+    out = {}
+    for split, split_users in users.items():
+        top = top_all[np.searchsorted(everyone, split_users)]
+        held_out = dataset.split(split)[split_users]
+        # hit[u, r] = (u, top[u, r]) is a held-out pair: binary search of the pair keys
+        # row * I + item, which a sorted CSR lists in ascending order.
+        held_out.sort_indices()
+        n_items = dataset.n_items
+        held_keys = np.repeat(np.arange(len(split_users)), np.diff(held_out.indptr)) * n_items + held_out.indices
+        top_keys = np.arange(len(split_users))[:, None] * n_items + top
+        found = np.minimum(np.searchsorted(held_keys, top_keys), len(held_keys) - 1)
+        hits = held_keys[found] == top_keys
+        per_user = ranking_metrics(hits, np.diff(held_out.indptr), [k for k in ks if k <= k_max])
+        per_user["user"] = split_users
+        out[split] = per_user
+    return out
+
+
+def rank_split(model, embeddings, dataset: Dataset, split: str, ks: list[int], batch_users: int = 1024):
+    """Per-user metric arrays (plus "user": the evaluated user ids) for one split."""
+    return rank_splits(model, embeddings, dataset, [split], ks, batch_users)[split]
 
 
 def summarize(per_user: dict[str, np.ndarray]) -> dict[str, float]:
@@ -72,7 +89,7 @@ def evaluate_per_user(model: Recommender, dataset: Dataset, splits: list[str], k
     was_training = model.training
     model.eval()
     embeddings = model.embed()
-    out = {split: rank_split(model, embeddings, dataset, split, ks, batch_users) for split in splits}
+    out = rank_splits(model, embeddings, dataset, splits, ks, batch_users)
     model.train(was_training)
     return out
 

@@ -13,6 +13,7 @@ Run directory (written only by `train`, each file atomically):
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import random
@@ -37,6 +38,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's malloc keep and reuse freed large blocks instead of returning each to the OS.
+
+    A training step allocates and frees the same tensors every time (with a trainable 4096-d
+    feature table, several of ~100 MB). By default glibc serves blocks that large with fresh
+    mmaps, so every step page-faults them in again: ~0.1 s of a 0.6 s Baby-scale FITMM step
+    was kernel time. Process-wide, so only the command line (and the benchmarks that measure
+    it) call this; a no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks below 1 GiB from the heap
+        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap for reuse
+    except (OSError, AttributeError):
+        pass
 
 
 def pick_device(name: str) -> torch.device:
@@ -78,14 +96,18 @@ def run_epoch(model, sampler: TrainSampler, optimizer, epoch: int, batch_size: i
     totals: dict[str, float] = {}
     n_batches = 0
     for batch in sampler.batches(batch_size, model.uses_negatives, device):
-        loss, parts = model.loss(batch)
+        # Gradients are dropped BEFORE the forward and after the epoch, so they never sit in
+        # memory beside a forward's activations or an evaluation (with a trainable 4096-d
+        # feature table they are as large as the table itself).
         optimizer.zero_grad(set_to_none=True)
+        loss, parts = model.loss(batch)
         loss.backward()
         optimizer.step()
         totals["loss"] = totals.get("loss", 0.0) + loss.item()
         for name, value in parts.items():
             totals[name] = totals.get(name, 0.0) + value
         n_batches += 1
+    optimizer.zero_grad(set_to_none=True)
     return {k: v / max(1, n_batches) for k, v in totals.items()}
 
 
@@ -94,7 +116,12 @@ def make_optimizer(model, config):
     params = [p for p in model.parameters() if p.requires_grad]
     if not (model.trainable and params):
         return None
-    return torch.optim.Adam(params, lr=config["lr"], weight_decay=config["weight_decay"])
+    try:
+        # The fused kernel updates each parameter in one pass: ~7x faster than the default
+        # loop on a CPU, which matters for a trainable 4096-wide feature table.
+        return torch.optim.Adam(params, lr=config["lr"], weight_decay=config["weight_decay"], fused=True)
+    except RuntimeError:  # older torch, or a device without the fused kernel
+        return torch.optim.Adam(params, lr=config["lr"], weight_decay=config["weight_decay"])
 
 
 def train(config: dict[str, Any], dataset: Dataset, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:

@@ -61,6 +61,7 @@ class FITMM(Recommender):
         "user_graph": False,  # optional user-user kNN graph over mean content features (spec §4)
         "user_knn_k": 10,
         "train_features": True,  # fine-tune the raw item features, as released; false freezes them
+        "feature_precision": "float32",  # float32 | bfloat16: the raw-feature MLPs' matmuls (see _item_ego)
         "num_bands": 3,  # M; 1 = no decomposition (ablation)
         "gate": "pos",  # pos (sigmoid) | dual (tanh) | off (ablation: all gates 1)
         "gate_scale_init": 0.5,
@@ -79,6 +80,7 @@ class FITMM(Recommender):
         "ib_mode": ("pos", "dual"),
         "loss": ("bce", "bpr"),
         "consistency": ("cross_band", "cross_modal", "none"),
+        "feature_precision": ("float32", "bfloat16"),
     }
 
     @classmethod
@@ -142,9 +144,20 @@ class FITMM(Recommender):
 
     # -- 1-2: branches and views --------------------------------------------------------------
 
+    def _item_ego(self, mlp, feat):
+        """An MLP over ALL items' raw features: with 4096-d image features it is most of a step's
+        FLOPs (forward, weight gradient and, with trainable features, feature gradient: three
+        I x 4096 x 256 products). bfloat16 runs those products ~2.8x faster on CPUs with
+        AVX512-BF16/AMX (and on GPUs); parameters, Adam state and everything after the MLP
+        stay float32."""
+        if self.config["feature_precision"] == "bfloat16":
+            with torch.autocast(device_type=feat.device.type, dtype=torch.bfloat16):
+                return mlp(feat).float()
+        return mlp(feat)
+
     def _views(self):
         """Base and enhanced views (X_U, H_U, X_I, H_I); H_I is None without the item graph."""
-        item_ego = [self.item_id] + [mlp(feat) for mlp, feat in zip(self.mlps, self.features)]
+        item_ego = [self.item_id] + [self._item_ego(mlp, feat) for mlp, feat in zip(self.mlps, self.features)]
         branches = []
         for user_ego, items in zip(self.user_ego, item_ego):
             x = F.normalize(torch.cat([user_ego, items]), dim=1)

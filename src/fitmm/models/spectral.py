@@ -117,14 +117,28 @@ class _GroupProjectors(torch.autograd.Function):
         return vec @ k @ vec.transpose(-1, -2), None
 
 
-def _gram(y: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """Y^T Y, accumulated in `dtype` (None: y's dtype), returned in float64 for eigh.
+class _Gram(torch.autograd.Function):
+    """Y^T Y accumulated in `dtype` (None: y's dtype), returned in float64 for eigh.
 
     Eigenvalues are SQUARED singular values, so a float32 Gram resolves the small singular
-    directions only down to ~1e-7 * sigma_max^2; float64 keeps them (it is the default). On a
-    GPU the float64 d x d Gram is negligible; on a CPU it costs ~4x a float32 one."""
-    y = y if dtype is None else y.to(dtype)
-    return (y.transpose(-1, -2) @ y).to(torch.float64)
+    directions only down to ~1e-7 * sigma_max^2, and the band boundaries of a trained model
+    can be closer than that; float64 keeps them (it is the default). The backward,
+    dL/dY = Y (Gbar + Gbar^T), runs as ONE product in y's own dtype: autograd's generic
+    backward of a float64 product would cost two float64 products plus a sum, about 4x the
+    forward on a CPU, for gradient precision float32 training cannot use anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, dtype: torch.dtype | None) -> Tensor:
+        ctx.save_for_backward(y)
+        acc = y if dtype is None else y.to(dtype)
+        return (acc.transpose(-1, -2) @ acc).to(torch.float64)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (y,) = ctx.saved_tensors
+        grad = grad.to(y.dtype)
+        return y @ (grad + grad.transpose(-1, -2)), None
 
 
 def band_projectors(
@@ -142,7 +156,7 @@ def band_projectors(
     if num_bands == 1:
         eye = torch.eye(d, dtype=y.dtype, device=y.device)
         return eye.expand(*y.shape[:-2], 1, d, d)
-    return _GroupProjectors.apply(_gram(y, gram_dtype), tuple(sizes)).to(y.dtype)
+    return _GroupProjectors.apply(_Gram.apply(y, gram_dtype), tuple(sizes)).to(y.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,6 +299,36 @@ def _pairwise_cos_mse(z: Tensor, counts: Tensor | None = None) -> Tensor:
     )
 
 
+class _UniformCE(torch.autograd.Function):
+    """The value of _uniform_ce, with a hand-written backward: dL/dS_rs = (c_r/n)(p_rs - c_s/n)
+    for p the count-weighted row softmax, and dL/dz = (G + G^T) z / tau. One B x B x D product
+    instead of autograd's two, and every B x B step in place: after the feature MLPs this is
+    the most expensive FITMM term (B ~ 2000 unique users per batch)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, tau: float, c: Tensor) -> Tensor:
+        n = c.sum()
+        sim = torch.mm(z, z.t()).div_(tau)
+        linear = (sim @ c) / n                       # sum_s c_s S_rs / n, before sim is reused
+        p = sim.add_(c.log())                        # logits S_rs + log c_s
+        peak = p.amax(dim=-1, keepdim=True)
+        p = p.sub_(peak).exp_()
+        total = p.sum(dim=-1, keepdim=True)
+        p = p.div_(total)                            # the count-weighted softmax
+        lse = (peak + total.log()).squeeze(-1)
+        ctx.save_for_backward(z, p, c)
+        ctx.tau = tau
+        return (c * (lse - linear)).sum() / n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        z, p, c = ctx.saved_tensors
+        w = c / c.sum()
+        g = (p - w).mul_(w.unsqueeze(1))            # not in place: a retained graph may run backward twice
+        return torch.mm(g + g.t(), z).mul_(grad / ctx.tau), None, None
+
+
 def _uniform_ce(z: Tensor, tau: float, counts: Tensor | None = None) -> Tensor:
     """Cross-entropy of the rows of softmax(z z^T / tau) (B x B) against a uniform target:
     mean_rows -(1/B) sum_j log softmax_ij. It spreads a band's batch similarities out, a
@@ -294,13 +338,8 @@ def _uniform_ce(z: Tensor, tau: float, counts: Tensor | None = None) -> Tensor:
     and items). The value is exactly that of the expanded batch, from a smaller matrix:
     with n = sum(c), -mean log softmax = (1/n) sum_r c_r [log sum_s c_s e^{S_rs} - (1/n) sum_s c_s S_rs].
     """
-    sim = z @ z.transpose(-1, -2) / tau
-    if counts is None:
-        return -torch.log_softmax(sim, dim=-1).mean()
-    c = counts.to(sim.dtype)
-    n = c.sum()
-    lse = torch.logsumexp(sim + c.log(), dim=-1)
-    return (c * (lse - (sim @ c) / n)).sum() / n
+    c = z.new_ones(z.shape[0]) if counts is None else counts.to(z.dtype)
+    return _UniformCE.apply(z, tau, c)
 
 
 def cross_band_consistency(bands: Tensor, tau: float = 1.0, counts: Tensor | None = None) -> Tensor:

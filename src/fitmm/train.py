@@ -45,8 +45,8 @@ def keep_freed_memory() -> None:
 
     A training step allocates and frees the same tensors every time (with a trainable 4096-d
     feature table, several of ~100 MB). By default glibc serves blocks that large with fresh
-    mmaps, so every step page-faults them in again: ~0.1 s of a 0.6 s Baby-scale FITMM step
-    was kernel time. Process-wide, so only the command line (and the benchmarks that measure
+    mmaps, so every step page-faults them in again: 0.17-0.3 s of system time per Baby-scale
+    FITMM step, ~0.06-0.09 s of its wall time (docs/performance.md). Process-wide, so only the command line (and the benchmarks that measure
     it) call this; a no-op where the C library is not glibc.
     """
     try:
@@ -120,7 +120,7 @@ def make_optimizer(model, config):
         # The fused kernel updates each parameter in one pass: ~7x faster than the default
         # loop on a CPU, which matters for a trainable 4096-wide feature table.
         return torch.optim.Adam(params, lr=config["lr"], weight_decay=config["weight_decay"], fused=True)
-    except RuntimeError:  # older torch, or a device without the fused kernel
+    except (RuntimeError, ValueError, TypeError):  # older torch, or a device without the fused kernel
         return torch.optim.Adam(params, lr=config["lr"], weight_decay=config["weight_decay"])
 
 

@@ -89,8 +89,8 @@ class BM3(Recommender):
         rec = negative_cosine(on_u, tg_i) + negative_cosine(tg_u, on_i)
 
         align = mask = torch.zeros((), device=h_u.device)
-        for m, proj in enumerate(self.projections):
-            h_m = proj(self.item_features()[m][batch.pos_items])
+        for proj, feat in zip(self.projections, self.item_features()):
+            h_m = proj(feat[batch.pos_items])
             on_m = self.predictor(h_m)
             align = align + negative_cosine(on_m, tg_i)
             mask = mask + negative_cosine(on_m, self._target(h_m))

@@ -159,9 +159,8 @@ class FREEDOM(Recommender):
         parts = {"bpr": rec.item()}
         if cfg["reg_weight"]:
             modal = sum(
-                bpr_loss((u * proj(self.item_features()[m][batch.pos_items])).sum(1),
-                         (u * proj(self.item_features()[m][batch.neg_items])).sum(1))
-                for m, proj in enumerate(self.projections)
+                bpr_loss((u * proj(feat[batch.pos_items])).sum(1), (u * proj(feat[batch.neg_items])).sum(1))
+                for proj, feat in zip(self.projections, self.item_features())
             )
             total = total + cfg["reg_weight"] * modal
             parts["modal_bpr"] = modal.item()

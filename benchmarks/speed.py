@@ -12,8 +12,7 @@ Measured: graph_seconds (building the item kNN graph, no cache), seconds_per_epo
 --epochs epochs after one warm-up epoch), eval_seconds (one full validation + test ranking),
 peak_rss_mb (the process's peak resident memory, everything included), gflop_per_step (the
 dense matrix-product FLOPs of one training step; sparse graph products and element-wise work
-are not counted). --profile N prints torch.profiler's
-top operators over N training steps.
+are not counted). --profile N prints torch.profiler's top operators over N training steps.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from fitmm.data.sampling import TrainSampler
 from fitmm.data.synthetic import split_per_user
 from fitmm.evaluate import evaluate
 from fitmm.models import model_class
-from fitmm.train import build_model, keep_freed_memory, make_optimizer, run_epoch
+from fitmm.train import build_model, keep_freed_memory, make_optimizer, run_epoch, train_step
 
 AMAZON = {"baby": "amazon_baby", "sports": "amazon_sports", "clothing": "amazon_clothing"}
 ELEC = {"users": 192_403, "items": 63_001, "interactions": 1_689_188}
@@ -101,13 +100,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _one_step(model, batch, optimizer):
-    optimizer.zero_grad(set_to_none=True)
-    loss, _ = model.loss(batch)
-    loss.backward()
-    optimizer.step()
-
-
 def step_gflop(model, sampler, optimizer, config, device) -> float:
     """Dense matrix-product GFLOP of one training step (forward + backward + optimiser).
 
@@ -130,7 +122,7 @@ def step_gflop(model, sampler, optimizer, config, device) -> float:
 
     batch = next(iter(sampler.batches(config["batch_size"], model.uses_negatives, device)))
     with DenseProducts():
-        _one_step(model, batch, optimizer)
+        train_step(model, batch, optimizer)
     return DenseProducts.flops / 1e9
 
 
@@ -140,7 +132,7 @@ def print_profile(model, sampler, optimizer, config, device, steps: int) -> None
     batches = sampler.batches(config["batch_size"], model.uses_negatives, device)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _, batch in zip(range(steps), batches):
-            _one_step(model, batch, optimizer)
+            train_step(model, batch, optimizer)
     print(prof.key_averages(group_by_input_shape=True).table(
         sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=28, max_shapes_column_width=60))
 

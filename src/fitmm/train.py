@@ -46,8 +46,9 @@ def keep_freed_memory() -> None:
     A training step allocates and frees the same tensors every time (with a trainable 4096-d
     feature table, several of ~100 MB). By default glibc serves blocks that large with fresh
     mmaps, so every step page-faults them in again: 0.17-0.3 s of system time per Baby-scale
-    FITMM step, ~0.06-0.09 s of its wall time (docs/performance.md). Process-wide, so only the command line (and the benchmarks that measure
-    it) call this; a no-op where the C library is not glibc.
+    FITMM step, ~0.06-0.09 s of its wall time (docs/performance.md). Process-wide, so only the
+    command line (and the benchmarks that measure it) call this; a no-op where the C library is
+    not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -89,6 +90,19 @@ def _read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def train_step(model, batch, optimizer):
+    """One optimiser step on one batch; returns (loss, loss parts).
+
+    Gradients are dropped BEFORE the forward (and by run_epoch after the epoch), so they never
+    sit in memory beside a forward's activations or an evaluation (with a trainable 4096-d
+    feature table they are as large as the table itself)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, parts = model.loss(batch)
+    loss.backward()
+    optimizer.step()
+    return loss, parts
+
+
 def run_epoch(model, sampler: TrainSampler, optimizer, epoch: int, batch_size: int, device) -> dict[str, float]:
     """One pass over the training interactions; returns the mean loss and loss parts."""
     model.train()
@@ -96,13 +110,7 @@ def run_epoch(model, sampler: TrainSampler, optimizer, epoch: int, batch_size: i
     totals: dict[str, float] = {}
     n_batches = 0
     for batch in sampler.batches(batch_size, model.uses_negatives, device):
-        # Gradients are dropped BEFORE the forward and after the epoch, so they never sit in
-        # memory beside a forward's activations or an evaluation (with a trainable 4096-d
-        # feature table they are as large as the table itself).
-        optimizer.zero_grad(set_to_none=True)
-        loss, parts = model.loss(batch)
-        loss.backward()
-        optimizer.step()
+        loss, parts = train_step(model, batch, optimizer)
         totals["loss"] = totals.get("loss", 0.0) + loss.item()
         for name, value in parts.items():
             totals[name] = totals.get(name, 0.0) + value

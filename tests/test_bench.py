@@ -196,6 +196,35 @@ def test_grid_points_is_the_cartesian_product_without_pinned_keys():
     assert bench.grid_points({}) == [{}]
 
 
+def test_grid_max_samples_the_same_points_every_time_and_keeps_the_defaults():
+    space = model_class("smore").search_space
+    full = bench.grid_points(space)
+    assert len(full) == 128
+    plans = bench.plan_bench(["smore", "bm3"], [1], {}, "synthetic", grid=True, grid_max=10)
+    smore, bm3 = plans
+    assert len(smore.points) == 10 and smore.grid_size == 128
+    defaults = model_class("smore").defaults
+    assert {k: defaults[k] for k in space} in smore.points  # the defaults' point is always searched
+    assert [full.index(p) for p in smore.points] == sorted(full.index(p) for p in smore.points)  # grid order
+    again = bench.plan_bench(["smore"], [1], {}, "synthetic", grid=True, grid_max=10)[0]
+    assert again.points == smore.points  # same sample on a re-run, so the bench resumes
+    assert len(bm3.points) == bm3.grid_size == 8  # a grid within the limit is searched in full
+    assert bench.sample_points(full, 3, {}, "smore") != bench.sample_points(full, 3, {}, "other")
+
+
+def test_grid_max_is_reported_and_checked(tmp_path, tiny, monkeypatch, capsys):
+    monkeypatch.setattr(model_class("bpr"), "search_space", {"reg_weight": [1e-4, 1e-3, 1e-2], "lr": [1e-3, 1e-2]})
+    out = tmp_path / "b"
+    assert run_bench(out, "--models", "pop,bpr", "--seeds", "1", "--grid", "--grid-max", "2", *tiny) == 0
+    assert len(list((out / "runs" / "bpr").iterdir())) == 2
+    assert "Random search: 2 of the grid's 6 points" in (out / "selection.md").read_text()
+    capsys.readouterr()
+    assert run_bench(tmp_path / "c", "--models", "pop", "--grid-max", "2", *tiny) == 2
+    assert "--grid-max limits the grid search: give it together with --grid" in capsys.readouterr().err
+    assert run_bench(tmp_path / "c", "--models", "pop", "--grid", "--grid-max", "0", *tiny) == 2
+    assert "--grid-max: must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_cell_names_are_stable_and_ignore_cosmetic_keys(tmp_path):
     def name(shared, point, seed=1):
         config = bench.model_config("bpr", shared, point, seed, "synthetic")

@@ -4,6 +4,7 @@ For each model, in the order given:
   * without --grid its defaults are used; with --grid every combination of its `search_space`
     (keys pinned by --set excepted) is trained with the FIRST seed, and the combination with the
     best VALIDATION metric (config key `valid_metric`) is kept. Test metrics play no part in it.
+    --grid-max N turns a bigger grid into a random search over N of its points (see sample_points).
   * the kept configuration is then trained with every seed. Runs use selection=clean: test is
     evaluated once per run, on the best validation checkpoint.
 
@@ -28,6 +29,7 @@ import io
 import itertools
 import json
 import math
+import random
 import shutil
 import statistics
 import sys
@@ -114,6 +116,21 @@ def grid_points(search_space: dict[str, list], pinned=()) -> list[dict[str, Any]
     return [dict(zip(keys, combo)) for combo in itertools.product(*(space[k] for k in keys))]
 
 
+def sample_points(points: list[dict[str, Any]], limit: int, defaults: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    """At most `limit` of a model's grid points (random search, for grids too big to train in full:
+    SMORE's has 128): the point equal to the model's defaults when the grid holds it, plus a random
+    sample of the others. The draw is seeded with the model's name, so re-running a bench picks the
+    same points and resumes; the points keep their grid order."""
+    if limit < 1:
+        raise InputError(f"--grid-max: must be >= 1, got {limit}")
+    if len(points) <= limit:
+        return points
+    default = [i for i, p in enumerate(points) if all(defaults.get(k) == v for k, v in p.items())][:1]
+    others = [i for i in range(len(points)) if i not in default]
+    keep = default + random.Random(f"fitmm bench grid {model}").sample(others, limit - len(default))
+    return [points[i] for i in sorted(keep)]
+
+
 def _model_defaults(name: str) -> dict:
     return model_class(name).defaults
 
@@ -174,6 +191,7 @@ class ModelPlan:
     model: str
     points: list[dict[str, Any]]
     configs: list[dict[str, Any]]  # one per point, with the first seed
+    grid_size: int = 1  # points in the model's whole grid (more than len(points) with --grid-max)
     tried: list[dict] = field(default_factory=list)  # per point: {"point", "hash", "valid", "run"}
     selected: int = 0
 
@@ -346,7 +364,11 @@ def selection_markdown(plans: list[ModelPlan], valid_metric: str, first_seed: in
         how = f"No grid search (--grid not given): each model ran its defaults; validation {valid_metric} with seed {first_seed}."
     lines = ["# Configuration selection", "", how]
     for plan in plans:
-        lines += ["", f"## {plan.model}", "", f"| configuration | run | valid {valid_metric} | selected |", "|---|---|---|---|"]
+        lines += ["", f"## {plan.model}", ""]
+        if len(plan.points) < plan.grid_size:
+            lines += [f"Random search: {len(plan.points)} of the grid's {plan.grid_size} points (--grid-max; the "
+                      "defaults' point included when the grid holds it, the rest drawn with a fixed seed).", ""]
+        lines += [f"| configuration | run | valid {valid_metric} | selected |", "|---|---|---|---|"]
         for i, tried in enumerate(plan.tried):
             mark = "✓" if i == plan.selected else ""
             lines.append(f"| {format_point(tried['point'])} | {tried['run']} | {tried['valid']:.4f} | {mark} |")
@@ -383,16 +405,21 @@ def _write_text(path: Path, text: str) -> None:
 # -- the command ------------------------------------------------------------------------------
 
 
-def plan_bench(models: list[str], seeds: list[int], shared: dict[str, Any], data: str, grid: bool) -> list[ModelPlan]:
+def plan_bench(
+    models: list[str], seeds: list[int], shared: dict[str, Any], data: str, grid: bool, grid_max: int | None = None,
+) -> list[ModelPlan]:
     """Resolve every configuration that will run; raises InputError before anything is written."""
     for key in shared:
         if key in RESERVED:
             raise InputError(f"--set {key}=...: fitmm bench sets '{key}' itself; {RESERVED[key]}")
+    if grid_max is not None and not grid:
+        raise InputError("--grid-max limits the grid search: give it together with --grid")
     plans = []
     for model in models:
-        points = grid_points(model_class(model).search_space, pinned=shared) if grid else [{}]
+        full = grid_points(model_class(model).search_space, pinned=shared) if grid else [{}]
+        points = full if grid_max is None else sample_points(full, grid_max, _model_defaults(model), model)
         configs = [model_config(model, shared, point, seeds[0], data) for point in points]
-        plans.append(ModelPlan(model, points, configs))
+        plans.append(ModelPlan(model, points, configs, grid_size=len(full)))
     missing = [m for m in METRICS if int(m.split("@")[1]) not in plans[0].configs[0]["topk"]]
     if missing:
         raise InputError(f"config key 'topk': fitmm bench reports {', '.join(METRICS)}; topk must include 10 and 20")
@@ -407,6 +434,7 @@ def run_bench(
     data: str = "synthetic",
     grid: bool = False,
     log: Callable[[str], None] = _log,
+    grid_max: int | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) a bench in `out`; returns {"rows": per-model results, "table": results.md}."""
     out = Path(out)
@@ -417,7 +445,7 @@ def run_bench(
         raise InputError("expected at least one seed")
     if data != "synthetic":
         data = str(Path(data).expanduser().resolve())  # stored absolute, like `fitmm train`
-    plans = plan_bench(models, seeds, shared, data, grid)
+    plans = plan_bench(models, seeds, shared, data, grid, grid_max)
     dataset = load_dataset(plans[0].configs[0])  # data keys are shared: one dataset for every model
     for plan in plans:
         for config in plan.configs:

@@ -130,7 +130,8 @@ def cmd_bench(args) -> int:
     seeds = parse_seeds(args.seeds, args.seed_list)
     shared = parse_set(args.set or [])
     try:
-        result = run_bench(args.out, models, seeds, shared, data=args.data or "synthetic", grid=args.grid)
+        result = run_bench(args.out, models, seeds, shared, data=args.data or "synthetic", grid=args.grid,
+                           grid_max=args.grid_max)
     except KeyboardInterrupt:
         print(f"fitmm: interrupted; finished runs are kept: run the same `fitmm bench` command to continue {args.out}",
               file=sys.stderr)
@@ -189,6 +190,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-list", metavar="S1,S2,...", help="run these seeds instead, e.g. 1,2,3")
     p.add_argument("--grid", action="store_true", help="search each model's grid with the first seed and keep "
                    "the best on validation (keys given with --set are not searched)")
+    p.add_argument("--grid-max", type=int, metavar="N", help="with --grid: search at most N points per model "
+                   "(its defaults plus a fixed random sample of the rest), for grids too big to train in full")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config key for every model (repeatable)")
     p.add_argument("--out", required=True, help="bench folder; re-run the same command to continue it")
     p.set_defaults(func=cmd_bench)

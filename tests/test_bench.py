@@ -235,6 +235,9 @@ def test_cell_names_are_stable_and_ignore_cosmetic_keys(tmp_path):
     assert name({"epochs": 5}, {}) != name({"epochs": 6}, {})
     assert name({}, {"lr": 0.01}) != name({}, {"lr": 0.02})
     assert name({}, {}, seed=2).endswith("-s2") and name({}, {}, seed=2)[:-3] == name({}, {})[:-3]
+    # A grid point at the defaults is the defaults' cell (runs shared by benches with and without --grid).
+    lr = model_class("bpr").defaults.get("lr", bench.BASE_DEFAULTS["lr"])
+    assert name({}, {"lr": lr}) == name({}, {}) and name({}, {"lr": lr * 10}) != name({}, {})
 
 
 def test_select_best_and_wilcoxon_edge_cases():

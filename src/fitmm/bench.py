@@ -41,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import runio
-from .config import resolve
+from .config import BASE_DEFAULTS, resolve
 from .data import load as load_dataset
 from .errors import InputError
 from .models import model_class
@@ -135,6 +135,11 @@ def _model_defaults(name: str) -> dict:
     return model_class(name).defaults
 
 
+def _defaults(name: str) -> dict:
+    """Every key's default for this model (the base keys included)."""
+    return {**BASE_DEFAULTS, **_model_defaults(name)}
+
+
 def model_config(model: str, shared: dict[str, Any], point: dict[str, Any], seed: int, data: str) -> dict[str, Any]:
     """The resolved config of one cell: defaults < model defaults < --set < grid point < bench's own keys."""
     layers = [
@@ -150,12 +155,15 @@ def model_config(model: str, shared: dict[str, Any], point: dict[str, Any], seed
 
 def cell_overrides(config: dict[str, Any], shared: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
     """What names a configuration (the seed aside): model, data, the --set values and the grid point,
-    as resolved (so lr=1e-3 and lr=0.001 are the same)."""
+    as resolved (so lr=1e-3 and lr=0.001 are the same). A grid point's keys at their default value
+    are left out, so the grid point equal to the defaults IS the defaults' cell: a bench run without
+    --grid and one with it share those runs instead of training them twice."""
+    defaults = _defaults(config["model"])
     return {
         "model": config["model"],
         "data": config["data"],
         "set": {k: config[k] for k in sorted(shared) if k not in NOT_IN_HASH},
-        "grid": {k: config[k] for k in point},
+        "grid": {k: config[k] for k in point if config[k] != defaults[k]},
     }
 
 
@@ -417,7 +425,7 @@ def plan_bench(
     plans = []
     for model in models:
         full = grid_points(model_class(model).search_space, pinned=shared) if grid else [{}]
-        points = full if grid_max is None else sample_points(full, grid_max, _model_defaults(model), model)
+        points = full if grid_max is None else sample_points(full, grid_max, _defaults(model), model)
         configs = [model_config(model, shared, point, seeds[0], data) for point in points]
         plans.append(ModelPlan(model, points, configs, grid_size=len(full)))
     missing = [m for m in METRICS if int(m.split("@")[1]) not in plans[0].configs[0]["topk"]]

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import small_args
 from fitmm.cli import main
@@ -66,9 +67,15 @@ def test_existing_run_dir_is_refused(tmp_path, capsys):
 
 
 def test_evaluate_reproduces_the_saved_run(tmp_path, capsys):
-    out, summary = train(tmp_path, "a", "model=bpr", "epochs=3")
+    before = torch.get_num_threads()
+    out, summary = train(tmp_path, "a", "model=bpr", "epochs=3", "threads=1")  # sets this process's threads
     capsys.readouterr()
-    assert main(["evaluate", str(out)]) == 0
+    try:
+        torch.set_num_threads(2)
+        assert main(["evaluate", str(out)]) == 0
+        assert torch.get_num_threads() == 1  # the run's `threads`, as it was trained
+    finally:
+        torch.set_num_threads(before)
     again = json.loads(capsys.readouterr().out)
     assert again["test"] == summary["test"] and again["valid"] == summary["valid"]
 

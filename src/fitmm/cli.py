@@ -71,13 +71,14 @@ def cmd_evaluate(args) -> int:
 
     from . import data
     from .evaluate import evaluate
-    from .train import build_model, pick_device
+    from .train import build_model, pick_device, use_threads
 
     run_dir = Path(args.run_dir)
     for name in ("config.yaml", "best.pt"):
         if not (run_dir / name).is_file():
             raise InputError(f"{run_dir}: missing {name}; pass a run directory written by `fitmm train`")
     config = run_config(run_dir)
+    use_threads(config)  # as the run was trained
     dataset = data.load(config)
     device = pick_device(config["device"])
     model = build_model(config, dataset, device)

@@ -58,6 +58,12 @@ def keep_freed_memory() -> None:
         pass
 
 
+def use_threads(config: dict[str, Any]) -> None:
+    """Config key `threads`: torch's intra-op threads for this process (0 = torch's choice, all cores)."""
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+
+
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise InputError("config key 'device': cuda was asked for but no CUDA GPU is visible; use device=auto or cpu")
@@ -135,8 +141,7 @@ def make_optimizer(model, config):
 def train(config: dict[str, Any], dataset: Dataset, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
     """Train `config["model"]` on `dataset`, writing the run directory; returns the summary."""
     run_dir = Path(run_dir)
-    if config["threads"]:
-        torch.set_num_threads(config["threads"])
+    use_threads(config)
     device = pick_device(config["device"])
     model = build_model(config, dataset, device)
     sampler = TrainSampler(dataset.train, seed=config["seed"])

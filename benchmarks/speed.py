@@ -153,6 +153,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     dataset = load_scale(args.scale, args.data_root)
+    dataset.lend_features = True  # as `fitmm train` does: one model, features fine-tuned in place
     with tempfile.TemporaryDirectory() as cache:
         overrides = {"model": args.model, "progress": False, "cache_dir": cache, **parse_set(args.set)}
         config = resolve([("speed.py", overrides)], lambda n: model_class(n).defaults)

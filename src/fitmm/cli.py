@@ -61,6 +61,7 @@ def cmd_train(args) -> int:
         config = build_config(args)
     dataset = data.load(config)
     check_run(config, dataset)  # all validation happens before the run directory is created
+    dataset.lend_features = True  # one run, one model: it may fine-tune the features without a copy
     summary = train(config, dataset, run_dir, resume=bool(args.resume))
     print(json.dumps(summary, indent=2))
     return 0

@@ -9,7 +9,6 @@ import torch
 from conftest import small_args, small_dataset
 from fitmm.cli import main
 from fitmm.config import resolve
-from fitmm.data.dataset import aligned_float32
 from fitmm.data.sampling import TrainSampler
 from fitmm.errors import InputError
 from fitmm.models import model_class
@@ -132,23 +131,9 @@ def test_trained_features_copy_the_dataset_unless_it_lends_them(tmp_path):
     one_step(model, ds)
     assert np.array_equal(ds.features[name], model.features[0].detach().numpy())
     assert ds.fingerprint == small_dataset().fingerprint
-    # Frozen features are never written, so an aligned float32 array is used as it is.
-    ds = small_dataset()
-    ds.features[name] = aligned_float32(ds.features[name])
-    model, _ = make(tmp_path, dataset=ds, train_features=False)
+    # Frozen features are never written, so they are never copied.
+    model, ds = make(tmp_path, train_features=False)
     assert np.shares_memory(model.features[0].detach().numpy(), ds.features[name])
-
-
-def test_aligned_float32_copies_only_when_it_must():
-    buffer = np.zeros(4 * 6 * 5 + 96, dtype=np.uint8)
-    start = -buffer.ctypes.data % 64 + 32  # 32 bytes past a 64-byte boundary
-    misaligned = buffer[start:start + 120].view(np.float32).reshape(6, 5)
-    misaligned[...] = np.arange(30).reshape(6, 5)
-    out = aligned_float32(misaligned)
-    assert out.ctypes.data % 64 == 0 and out.dtype == np.float32 and np.array_equal(out, misaligned)
-    assert not np.shares_memory(out, misaligned)
-    assert aligned_float32(out) is out and aligned_float32(out, copy=True) is not out
-    assert np.array_equal(aligned_float32(np.arange(6, dtype=np.float16).reshape(2, 3)), np.arange(6).reshape(2, 3))
 
 
 def test_bfloat16_feature_mlps_stay_close_to_float32(tmp_path):

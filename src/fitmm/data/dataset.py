@@ -24,22 +24,6 @@ def interaction_matrix(users: np.ndarray, items: np.ndarray, n_users: int, n_ite
     return m
 
 
-def aligned_float32(array: np.ndarray, copy: bool = False) -> np.ndarray:
-    """`array` as a writable, C-contiguous float32 array whose data starts on a 64-byte boundary:
-    itself when it already is one (and no copy is asked for), otherwise a copy. A model's tensor
-    then sits where torch's own allocator would put it (64 bytes: one AVX-512 vector, one cache
-    line); numpy only promises 16. On this project's machine no speed difference was measurable
-    either way (docs/performance.md), so this is about matching torch, not a measured gain."""
-    ok = array.dtype == np.float32 and array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % 64 == 0
-    if ok and not copy:
-        return array
-    buffer = np.empty(array.size * 4 + 64, dtype=np.uint8)
-    start = -buffer.ctypes.data % 64
-    out = buffer[start:start + array.size * 4].view(np.float32).reshape(array.shape)
-    out[...] = array
-    return out
-
-
 @dataclass
 class Dataset:
     """Interactions per split as binary CSR matrices (users x items) and item features per modality.
@@ -84,14 +68,16 @@ class Dataset:
         return h.hexdigest()
 
     def trainable_features(self, name: str) -> np.ndarray:
-        """A modality's features for a model to train in place (float32, 64-byte aligned): the
-        dataset's own array when `lend_features` is set, otherwise a copy, so the dataset stays as
-        loaded."""
+        """A modality's features (float32, C order) for a model to train in place: the dataset's
+        own array when `lend_features` is set, otherwise a copy, so the dataset stays as loaded."""
         if not self.lend_features:
-            return aligned_float32(self.features[name], copy=True)
+            return np.array(self.features[name], dtype=np.float32, order="C")  # always a copy
         self.fingerprint  # computed now: it must describe the features as loaded, not as trained
-        self.features[name] = aligned_float32(self.features[name])  # a misaligned original is released
-        return self.features[name]
+        feat = np.ascontiguousarray(self.features[name], dtype=np.float32)  # no copy when it already is
+        if not feat.flags.writeable:
+            feat = feat.copy()
+        self.features[name] = feat
+        return feat
 
     def stats(self) -> dict:
         counts = {name: int(self.split(name).nnz) for name in SPLITS}

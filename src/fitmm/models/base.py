@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import suggest
-from ..data.dataset import Dataset, aligned_float32
+from ..data.dataset import Dataset
 from ..data.sampling import Batch
 from ..errors import InputError
 from ..knn import validate_modality_weights
@@ -84,7 +84,7 @@ class Recommender(nn.Module):
         `self.projections`, a trainable linear map of each to `dim`; `item_features()` lists them."""
         self.projections = nn.ModuleList()
         for m, name in enumerate(dataset.modalities):
-            feat = torch.from_numpy(aligned_float32(dataset.features[name]))
+            feat = torch.from_numpy(np.ascontiguousarray(dataset.features[name], dtype=np.float32))
             self.register_buffer(f"item_features_{m}", feat, persistent=False)
             self.projections.append(nn.Linear(feat.shape[1], dim))
 

@@ -18,12 +18,12 @@ Read top to bottom; the spectral pieces (bands, gate, IB, consistency) live in s
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import cache_dir
-from ..data.dataset import aligned_float32
 from ..errors import InputError
 from ..graphs import normalized_adjacency, sparse_matmul, to_torch
 from ..knn import cached_mixed_knn_graph, default_modality_weights, user_knn_graph
@@ -118,7 +118,7 @@ class FITMM(Recommender):
             if config["train_features"]:
                 feat = torch.from_numpy(dataset.trainable_features(name))
             else:  # frozen: never written, so the dataset's array itself
-                feat = torch.from_numpy(aligned_float32(dataset.features[name]))
+                feat = torch.from_numpy(np.ascontiguousarray(dataset.features[name], dtype=np.float32))
             self.features.append(nn.Parameter(feat, requires_grad=config["train_features"]))
             self.mlps.append(nn.Sequential(
                 nn.Linear(feat.shape[1], config["mlp_hidden"]), nn.LeakyReLU(0.01), nn.Linear(config["mlp_hidden"], d),

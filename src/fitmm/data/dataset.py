@@ -67,9 +67,15 @@ class Dataset:
             h.update(np.ascontiguousarray(feat).tobytes())
         return h.hexdigest()
 
-    def trainable_features(self, name: str) -> np.ndarray:
-        """A modality's features (float32, C order) for a model to train in place: the dataset's
-        own array when `lend_features` is set, otherwise a copy, so the dataset stays as loaded."""
+    def features_for_model(self, name: str, trained: bool = False) -> np.ndarray:
+        """A modality's features as the float32, C-order array a model wraps in a tensor.
+
+        Frozen (`trained` false): the dataset's own array (converted only when it is not float32
+        C order); models never write it. Trained in place (FITMM fine-tunes its raw features): the
+        dataset's own array when `lend_features` is set, otherwise a copy, so the dataset stays as
+        loaded."""
+        if not trained:
+            return np.ascontiguousarray(self.features[name], dtype=np.float32)
         if not self.lend_features:
             return np.array(self.features[name], dtype=np.float32, order="C")  # always a copy
         self.fingerprint  # computed now: it must describe the features as loaded, not as trained

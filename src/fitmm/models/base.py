@@ -84,7 +84,7 @@ class Recommender(nn.Module):
         `self.projections`, a trainable linear map of each to `dim`; `item_features()` lists them."""
         self.projections = nn.ModuleList()
         for m, name in enumerate(dataset.modalities):
-            feat = torch.from_numpy(np.ascontiguousarray(dataset.features[name], dtype=np.float32))
+            feat = torch.from_numpy(dataset.features_for_model(name))
             self.register_buffer(f"item_features_{m}", feat, persistent=False)
             self.projections.append(nn.Linear(feat.shape[1], dim))
 

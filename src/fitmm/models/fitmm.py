@@ -18,7 +18,6 @@ Read top to bottom; the spectral pieces (bands, gate, IB, consistency) live in s
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,10 +114,7 @@ class FITMM(Recommender):
         self.features = nn.ParameterList()
         self.mlps = nn.ModuleList()
         for name in self.modalities:
-            if config["train_features"]:
-                feat = torch.from_numpy(dataset.trainable_features(name))
-            else:  # frozen: never written, so the dataset's array itself
-                feat = torch.from_numpy(np.ascontiguousarray(dataset.features[name], dtype=np.float32))
+            feat = torch.from_numpy(dataset.features_for_model(name, trained=config["train_features"]))
             self.features.append(nn.Parameter(feat, requires_grad=config["train_features"]))
             self.mlps.append(nn.Sequential(
                 nn.Linear(feat.shape[1], config["mlp_hidden"]), nn.LeakyReLU(0.01), nn.Linear(config["mlp_hidden"], d),

@@ -116,6 +116,33 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert json.loads((out / "summary.json").read_text())["test"] == reference["test"]
 
 
+@pytest.mark.parametrize("interrupted_save", ["best.pt", "last.pt"])
+def test_interruption_while_checkpointing_loses_no_log_line(tmp_path, monkeypatch, interrupted_save):
+    """Ctrl-C can land between an epoch's log line and its checkpoint; resume must still log every epoch once."""
+    from fitmm import runio
+
+    args = ["model=lightgcn", "epochs=8", "patience=100"]
+    _, reference = train(tmp_path, "reference", *args)
+
+    real_save = runio.save_torch
+
+    def save_then_interrupt(path, obj):
+        real_save(path, obj)
+        if path.name == interrupted_save and obj.get("epoch", obj.get("state", {}).get("epoch")) == 4:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived just after this file was written
+
+    monkeypatch.setattr(runio, "save_torch", save_then_interrupt)
+    out = tmp_path / "interrupted"
+    assert main(["train", "--out", str(out), *small_args(*args)]) == 130
+    monkeypatch.setattr(runio, "save_torch", real_save)
+
+    assert main(["train", "--resume", str(out)]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 9))
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["test"] == reference["test"] and resumed["best_epoch"] == reference["best_epoch"]
+
+
 def test_resume_needs_a_run(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "no resumable run" in capsys.readouterr().err

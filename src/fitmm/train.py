@@ -194,6 +194,13 @@ def train(config: dict[str, Any], dataset: Dataset, run_dir: str | Path, resume:
             else:
                 state["bad_evals"] += 1
             state["epoch"] = epoch
+            bar.set_postfix(loss=f"{record.get('loss', 0):.4f}", **{metric: f"{score:.4f}"},
+                            best=f"{state['best']:.4f}@{state['best_epoch']}")
+        # The log line goes first and the checkpoint second: an interruption between the two leaves
+        # a line newer than last.pt, which resume drops and re-runs. The other order would leave a
+        # checkpointed epoch with no line in the log.
+        runio.append_jsonl(log_path, record)
+        if state["epoch"] == epoch:
             runio.save_torch(run_dir / "last.pt", {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -201,9 +208,6 @@ def train(config: dict[str, Any], dataset: Dataset, run_dir: str | Path, resume:
                 "torch_rng": torch.get_rng_state(),
                 "state": state,
             })
-            bar.set_postfix(loss=f"{record.get('loss', 0):.4f}", **{metric: f"{score:.4f}"},
-                            best=f"{state['best']:.4f}@{state['best_epoch']}")
-        runio.append_jsonl(log_path, record)
         if state["bad_evals"] >= config["patience"]:
             break
     bar.close()

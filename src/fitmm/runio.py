@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +15,39 @@ import torch
 import yaml
 
 
+@contextlib.contextmanager
+def _ctrl_c_after_block():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it once the block is done.
+
+    Why: torch.save interrupted mid-write raises a RuntimeError from its zip writer's cleanup in
+    place of the KeyboardInterrupt, so the CLI reported an internal error instead of "interrupted,
+    resume with ...". Only the main thread can own signal handlers; elsewhere nothing is held."""
+    in_main = threading.current_thread() is threading.main_thread()
+    if not in_main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
 def atomic_write(path: Path, write) -> None:
+    """Write `path` through a temporary file and a rename; a Ctrl-C during the write waits for it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with _ctrl_c_after_block():
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

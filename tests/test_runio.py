@@ -1,0 +1,38 @@
+"""Run-directory writes: whole files, and a Ctrl-C during a write is raised once the file is whole."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from fitmm import runio
+
+
+def test_ctrl_c_during_a_checkpoint_write_leaves_the_file_whole_then_interrupts(tmp_path):
+    path = tmp_path / "last.pt"
+    state = {"weights": torch.arange(100_000, dtype=torch.float32)}
+
+    def save_with_ctrl_c(handle):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered while torch.save is writing
+        torch.save(state, handle)
+
+    with pytest.raises(KeyboardInterrupt):
+        runio.atomic_write(path, save_with_ctrl_c)
+    assert torch.equal(torch.load(path)["weights"], state["weights"])
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "summary.json"
+    runio.write_json(path, {"epoch": 1})
+
+    def fail(handle):
+        handle.write(b"{\"epo")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        runio.atomic_write(path, fail)
+    assert path.read_text() == '{\n  "epoch": 1\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]

@@ -67,6 +67,14 @@ def save_torch(path: Path, obj: Any) -> None:
     atomic_write(path, lambda h: torch.save(obj, h))
 
 
+def load_torch(path: Path, map_location=None) -> Any:
+    """Read a file written by `save_torch`: tensors and plain containers only, never code.
+
+    `weights_only=True` makes torch's unpickler refuse any object that is not a tensor, a number,
+    a string or a list/tuple/dict of them, so a crafted checkpoint cannot run code when loaded."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def append_jsonl(path: Path, obj: Any) -> None:
     """One line per record; a line is written in a single call so a crash leaves whole lines."""
     with open(path, "a", encoding="utf-8") as handle:

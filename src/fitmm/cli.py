@@ -41,50 +41,119 @@ def run_config(run_dir: Path) -> dict:
     return resolve([(f"{run_dir}/config.yaml", read_config_file(run_dir / "config.yaml"))], _model_defaults)
 
 
+# What `train --resume` may change: `epochs` extends (or shortens) the run, `progress` only the display.
+RESUME_SETTABLE = ("epochs", "progress")
+
+
+def resume_overrides(args) -> dict:
+    """The `--set` keys `train --resume` accepts; InputError for any flag that would change the run."""
+    flags = {"--out": args.out, "--model": args.model, "--config": args.config, "--seed": args.seed}
+    for flag, value in flags.items():
+        if value is not None:
+            raise InputError(
+                f"--resume {args.resume}: {flag} cannot be combined with --resume, which continues the run "
+                f"with the configuration saved in its config.yaml; start a new run with --out to change it"
+            )
+    overrides = parse_set(args.set or [])
+    refused = [key for key in overrides if key not in RESUME_SETTABLE]
+    if refused:
+        raise InputError(
+            f"--resume {args.resume}: --set {refused[0]} cannot change a run being resumed (only "
+            f"{' and '.join(RESUME_SETTABLE)} can: --set epochs=N extends it); start a new run with --out"
+        )
+    return overrides
+
+
+def data_path(run_dir: Path, config: dict, new_path: str | None) -> dict:
+    """The run's config pointing at its data: `--data NEW_PATH` for a moved folder, else as saved."""
+    if new_path is not None:
+        return {**config, "data": new_path if new_path == "synthetic" else str(Path(new_path).expanduser().resolve())}
+    if config["data"] != "synthetic" and not Path(config["data"]).exists():
+        raise InputError(
+            f"{run_dir}: its data {config['data']} is not there any more; if the dataset folder moved, "
+            f"pass its new place with --data PATH"
+        )
+    return config
+
+
 def cmd_train(args) -> int:
-    from . import data
+    import shutil
+
+    from . import data, runio
     from .train import check_run, train
 
+    lock, created = None, False
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "last.pt").is_file() or not (run_dir / "config.yaml").is_file():
-            raise InputError(f"{run_dir}: no resumable run here (config.yaml and last.pt are needed)")
-        config = run_config(run_dir)
+        overrides = resume_overrides(args)
+        if not (run_dir / "config.yaml").is_file():
+            raise InputError(f"{run_dir}: no resumable run here (no config.yaml); pass a run directory "
+                             f"written by `fitmm train`")
+        saved = read_config_file(run_dir / "config.yaml")
+        config = resolve([(f"{run_dir}/config.yaml", saved), ("--set", overrides)], _model_defaults)
+        config = data_path(run_dir, config, args.data)
+        lock = runio.lock_run_dir(run_dir)  # before the data loads: a second resume learns at once
     else:
+        if args.allow_data_change:
+            raise InputError("--allow-data-change only goes with --resume (or fitmm evaluate)")
         if not args.out:
             raise InputError("fitmm train: --out RUN_DIR is required (the folder the run is written to)")
         run_dir = Path(args.out)
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            raise InputError(
-                f"{run_dir}: already exists and is not empty; choose a new --out, or continue it with --resume {run_dir}"
-            )
+        runio.check_new_run_dir(run_dir)  # cheap: before the data loads
         config = build_config(args)
-    dataset = data.load(config)
-    check_run(config, dataset)  # all validation happens before the run directory is created
-    dataset.lend_features = True  # one run, one model: it may fine-tune the features without a copy
-    summary = train(config, dataset, run_dir, resume=bool(args.resume))
-    print(json.dumps(summary, indent=2))
+    try:
+        dataset = data.load(config)
+        check_run(config, dataset)  # all validation happens before the run directory is created
+        dataset.lend_features = True  # one run, one model: it may fine-tune the features without a copy
+        if lock is None:
+            lock = runio.create_run_dir(run_dir)
+            created = True
+        summary = train(config, dataset, run_dir, resume=bool(args.resume), lock=lock,
+                        allow_data_change=args.allow_data_change)
+    except BaseException:
+        # A run that failed (or was interrupted) before its first checkpoint holds nothing of value
+        # and could not be resumed: remove it, so the same command can simply be run again.
+        if created and not (run_dir / "last.pt").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+    print(json.dumps(summary, indent=2) if args.json else result_line(summary, config, run_dir))
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    import torch
+def result_line(summary: dict, config: dict, run_dir: Path) -> str:
+    """One line: best epoch, valid and test recall@K / ndcg@K (K of valid_metric) and the run directory."""
+    k = config["valid_metric"].partition("@")[2]
+    names = list(dict.fromkeys([config["valid_metric"], f"recall@{k}", f"ndcg@{k}"]))
 
+    def scores(split):
+        return " ".join(f"{name} {summary[split][name]:.4f}" for name in names if name in summary[split])
+
+    return (f"{summary['model']}: best epoch {summary['best_epoch']} of {summary['epochs_run']}; "
+            f"valid {scores('valid')}; test {scores('test')}; run {run_dir} (all metrics in summary.json)")
+
+
+def cmd_evaluate(args) -> int:
     from . import data
     from .evaluate import evaluate
-    from .train import build_model, pick_device, use_threads
+    from .train import build_model, check_data, load_weights, pick_device, use_threads
 
     run_dir = Path(args.run_dir)
     for name in ("config.yaml", "best.pt"):
         if not (run_dir / name).is_file():
             raise InputError(f"{run_dir}: missing {name}; pass a run directory written by `fitmm train`")
-    config = run_config(run_dir)
+    config = data_path(run_dir, run_config(run_dir), args.data)
     use_threads(config)  # as the run was trained
     dataset = data.load(config)
+    _, change = check_data(run_dir, dataset, args.allow_data_change)
     device = pick_device(config["device"])
     model = build_model(config, dataset, device)
-    model.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=False)["model"])
+    load_weights(run_dir / "best.pt", model, device)
     results = evaluate(model, dataset, ["valid", "test"], config["topk"], config["eval_batch_size"])
+    if change:
+        results["data_changed"] = change
     print(json.dumps(results, indent=2))
     return 0
 
@@ -171,11 +240,19 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model and write a run directory")
     config_options(p)
     p.add_argument("--out", help="run directory to create")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint, "
+                   "with its saved configuration; only --set epochs=N (extend it), --set progress=..., "
+                   "--data PATH (its data, moved) and --allow-data-change go with it")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: go on although the data differs from the run's (recorded in summary.json)")
+    p.add_argument("--json", action="store_true", help="print the whole summary as JSON instead of one line")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="re-evaluate a saved run's best checkpoint on validation and test")
     p.add_argument("run_dir")
+    p.add_argument("--data", help="the run's dataset folder, if it moved (it must hold the same data)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="evaluate although the data differs from the run's (the output says what changed)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="markdown table of finished runs, with mean ± std per model and dataset")
@@ -229,8 +306,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fitmm: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        out = getattr(args, "out", None) or getattr(args, "resume", None)
-        hint = f"; continue with: fitmm train --resume {out}" if out else ""
+        out = getattr(args, "resume", None) or getattr(args, "out", None)
+        hint = ""
+        if args.func is cmd_train and out:
+            # Only a run with a checkpoint can be resumed; a new one stopped before it was removed.
+            if getattr(args, "resume", None) or (Path(out) / "last.pt").is_file():
+                hint = f"; continue with: fitmm train --resume {out}"
+            else:
+                hint = " before the run's first checkpoint; nothing was kept"
         print(f"fitmm: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception:  # an internal error: show the traceback, exit 1

@@ -213,6 +213,8 @@ def check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() or run_dir.is_symlink():
         if not run_dir.is_dir():
             raise InputError(f"{run_dir}: exists and is not a directory; choose a new --out")
+        if _is_locked(run_dir):
+            raise _busy(run_dir)
         if any(run_dir.iterdir()):
             raise InputError(f"{run_dir}: already exists and is not empty; choose a new --out, "
                              f"or continue it with --resume {run_dir}")

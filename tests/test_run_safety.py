@@ -229,6 +229,15 @@ def test_the_override_goes_on_and_is_recorded(data_and_run, capsys):
     assert main(["evaluate", str(run)]) == 0  # the new data is now the run's
 
 
+def test_a_run_from_before_data_records_is_checked_from_now_on(run, capsys):
+    (run / "data.json").unlink()
+    assert main(["evaluate", str(run)]) == 0
+    assert "records no data fingerprint (written by an older fitmm)" in capsys.readouterr().err
+    assert not (run / "data.json").exists()  # evaluate writes nothing
+    assert main(["train", "--resume", str(run)]) == 0
+    assert json.loads((run / "data.json").read_text())["fingerprint"] == summary(run)["data_fingerprint"]
+
+
 def test_allow_data_change_needs_resume(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), "--allow-data-change"]) == 2
     assert "--allow-data-change only goes with --resume" in capsys.readouterr().err

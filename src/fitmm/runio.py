@@ -203,7 +203,6 @@ def lock_run_dir(run_dir: Path) -> RunLock:
         raise InputError(f"{run_dir}: cannot lock the run directory ({exc.strerror}); it must be a writable folder") from None
     if lock is None:
         raise _busy(run_dir)
-    remove_stale_temps(run_dir)
     return lock
 
 

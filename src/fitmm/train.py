@@ -368,7 +368,7 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
             )
         if stopped_early:  # resuming a run that had already stopped early: just finish it
             epochs = state["epoch"]
-        # Checked: from here on the run directory is written.
+        # Checked: from here on the run directory is written, first rid of any write a kill cut short.
         runio.remove_stale_temps(run_dir)
         if saved != config:  # extended epochs, or the data's new location
             runio.write_yaml(run_dir / "config.yaml", config)

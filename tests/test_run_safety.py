@@ -81,8 +81,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(run, tmp_p
 
 
 @pytest.fixture(scope="module")
-def vbpr_run(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("vbpr"), "vbpr", "model=vbpr", "epochs=1")
+def foreign_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("foreign")
+    return {"other-model": train(base, "vbpr", "model=vbpr", "epochs=1"),
+            "other-shapes": train(base, "small", "embedding_size=32", "epochs=1")}
 
 
 @pytest.mark.parametrize("name", ["best.pt", "last.pt"])
@@ -90,12 +92,15 @@ def vbpr_run(tmp_path_factory):
     ("empty", "the file is empty"),
     ("truncated", "truncated, corrupt or not a checkpoint"),
     ("garbage", "truncated, corrupt or not a checkpoint"),
-    ("other-model", "does not fit this run's model"),  # VBPR's checkpoint in a LightGCN run
+    ("other-model", "written by a 'vbpr' run, and this run is 'lightgcn'"),
+    ("other-shapes", "does not fit this run's model (size mismatch for user_emb"),  # embedding_size 32, not 64
 ])
-def test_a_damaged_or_foreign_checkpoint_is_exit_2(run, vbpr_run, capsys, name, case, fragment):
+def test_a_damaged_or_foreign_checkpoint_is_exit_2(run, foreign_runs, capsys, name, case, fragment):
     good = (run / name).read_bytes()
-    content = {"empty": b"", "truncated": good[: len(good) // 2], "garbage": b"not a checkpoint\n" * 20,
-               "other-model": (vbpr_run / name).read_bytes()}[case]
+    if case in foreign_runs:
+        content = (foreign_runs[case] / name).read_bytes()
+    else:
+        content = {"empty": b"", "truncated": good[: len(good) // 2], "garbage": b"not a checkpoint\n" * 20}[case]
     (run / name).write_bytes(content)
     before = snapshot(run)
     command = ["evaluate", str(run)] if name == "best.pt" else ["train", "--resume", str(run)]
@@ -103,6 +108,22 @@ def test_a_damaged_or_foreign_checkpoint_is_exit_2(run, vbpr_run, capsys, name, 
     err = capsys.readouterr().err
     assert str(run / name) in err and fragment in err
     assert "Traceback" not in err
+    assert snapshot(run) == before
+
+
+@pytest.fixture(scope="module")
+def bpr_run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("bpr"), "bpr", "model=bpr", "epochs=1")
+
+
+@pytest.mark.parametrize("name", ["best.pt", "last.pt"])
+def test_a_checkpoint_of_a_model_with_the_same_shapes_is_exit_2(run, bpr_run, capsys, name):
+    """BPR's and LightGCN's weights have the same names and shapes: the recorded model name tells them apart."""
+    (run / name).write_bytes((bpr_run / name).read_bytes())
+    before = snapshot(run)
+    command = ["evaluate", str(run)] if name == "best.pt" else ["train", "--resume", str(run)]
+    assert main(command) == 2
+    assert f"{run / name}: written by a 'bpr' run, and this run is 'lightgcn'" in capsys.readouterr().err
     assert snapshot(run) == before
 
 

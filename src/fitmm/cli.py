@@ -150,7 +150,7 @@ def cmd_evaluate(args) -> int:
     _, change = check_data(run_dir, dataset, args.allow_data_change)
     device = pick_device(config["device"])
     model = build_model(config, dataset, device)
-    load_weights(run_dir / "best.pt", model, device)
+    load_weights(run_dir / "best.pt", model, device, config["model"])
     results = evaluate(model, dataset, ["valid", "test"], config["topk"], config["eval_batch_size"])
     if change:
         results["data_changed"] = change

@@ -205,9 +205,19 @@ def _does_not_fit(path: Path, exc: BaseException) -> InputError:
     )
 
 
-def load_weights(path: Path, model, device) -> int:
-    """Load best.pt's weights into `model`; returns its epoch. InputError for anything but a fitting checkpoint."""
+def _check_model_name(path: Path, checkpoint: dict, name: str) -> None:
+    """Models with the same parameter shapes (BPR, LightGCN) would load each other's weights silently."""
+    written_for = checkpoint.get("model_name", name)  # absent in checkpoints of older versions
+    if written_for != name:
+        raise InputError(f"{path}: written by a {written_for!r} run, and this run is {name!r}; "
+                         f"pass the run directory the checkpoint belongs to, or train a new run with --out")
+
+
+def load_weights(path: Path, model, device, name: str) -> int:
+    """Load best.pt's weights into `model` (model `name`); returns its epoch. InputError for anything
+    but a fitting checkpoint."""
     best = runio.read_checkpoint(path, ("model", "epoch"), map_location=device)
+    _check_model_name(path, best, name)
     try:
         model.load_state_dict(best["model"])
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -215,8 +225,9 @@ def load_weights(path: Path, model, device) -> int:
     return int(best["epoch"]) if isinstance(best["epoch"], int) else 0
 
 
-def restore(path: Path, checkpoint: dict, model, optimizer, sampler) -> dict[str, Any]:
-    """Put last.pt's weights, optimiser, random states back; returns the early-stopping state."""
+def restore(path: Path, checkpoint: dict, name: str, model, optimizer, sampler) -> dict[str, Any]:
+    """Put last.pt's weights, optimiser, random states back (model `name`); returns the early-stopping state."""
+    _check_model_name(path, checkpoint, name)
     state = checkpoint["state"]
     if not (isinstance(state, dict) and all(isinstance(state.get(key), (int, float)) for key in STATE_KEYS)):
         raise InputError(f"{path}: not a checkpoint written by fitmm train (bad 'state' entry); train a new run with --out")
@@ -354,7 +365,7 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
     if resume:
         saved = read_config_file(run_dir / "config.yaml")
         if checkpoint is not None:
-            state = restore(run_dir / "last.pt", checkpoint, model, optimizer, sampler)
+            state = restore(run_dir / "last.pt", checkpoint, config["model"], model, optimizer, sampler)
         stopped_early = state["bad_evals"] >= config["patience"]
         if epochs and config["epochs"] < state["epoch"]:
             raise InputError(f"{run_dir}: has already trained {state['epoch']} epochs; "
@@ -405,7 +416,8 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
             score = results["valid"][metric]
             if score > state["best"]:  # strictly better, as in the protocol
                 state.update(best=score, best_epoch=epoch, bad_evals=0)
-                runio.save_torch(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch})
+                runio.save_torch(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch,
+                                                        "model_name": config["model"]})
             else:
                 state["bad_evals"] += 1
             state["epoch"] = epoch
@@ -418,6 +430,7 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
             # Tensors, numbers, strings and containers only: runio.load_torch reads it with weights_only.
             runio.save_torch(run_dir / "last.pt", {
                 "model": model.state_dict(),
+                "model_name": config["model"],
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
                 "sampler": sampler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
@@ -434,9 +447,9 @@ def finish(config, dataset, model, run_dir: Path, device, data_json: dict) -> di
     best_path = run_dir / "best.pt"
     best_epoch = 0
     if best_path.exists():
-        best_epoch = load_weights(best_path, model, device)
+        best_epoch = load_weights(best_path, model, device, config["model"])
     else:  # nothing trained (most-popular, or epochs = 0): the model as built is the result
-        runio.save_torch(best_path, {"model": model.state_dict(), "epoch": 0})
+        runio.save_torch(best_path, {"model": model.state_dict(), "epoch": 0, "model_name": config["model"]})
     start = time.perf_counter()
     per_user = evaluate_per_user(model, dataset, ["valid", "test"], config["topk"], config["eval_batch_size"])
     eval_seconds = time.perf_counter() - start

@@ -66,7 +66,7 @@ def _corrupt(folder, kind):
     if kind == "non-integer id":
         lines[5] = "3\tabc\t0"
         write_inter_lines(folder, lines)
-        return ["synthetic.inter, row 6, column itemID", "'abc' is not an integer"]
+        return ["synthetic.inter, row 6, column itemID", "'abc' is not a whole number"]
     if kind == "negative id":
         lines[7] = "-1\t4\t0"
         write_inter_lines(folder, lines)
@@ -88,7 +88,7 @@ def _corrupt(folder, kind):
         return ["training split is empty"]
     if kind == "unreadable npy":
         (folder / "image_feat.npy").write_bytes(b"this is not numpy")
-        return ["image_feat.npy", "cannot read as a .npy array"]
+        return ["image_feat.npy", "not a .npy file"]
     raise AssertionError(kind)
 
 

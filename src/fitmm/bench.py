@@ -148,7 +148,7 @@ def model_config(model: str, shared: dict[str, Any], point: dict[str, Any], seed
         ("fitmm bench", {"model": model, "data": data, "seed": seed, "selection": "clean"}),
     ]
     try:
-        return resolve(layers, _model_defaults)
+        return resolve(layers)
     except InputError as exc:
         raise InputError(f"model '{model}': {exc}") from None
 

@@ -82,6 +82,11 @@ def check_run(config: dict[str, Any], dataset: Dataset) -> None:
         )
     if len(evaluated_users(dataset, "test")) == 0:
         raise InputError(f"{dataset.source}: no user has both training and test rows (x_label = 2)")
+    if max(config["topk"]) > dataset.n_items:  # covers valid_metric too: its K is one of topk
+        raise InputError(
+            f"config key 'topk': cutoff {max(config['topk'])} is above the number of items ({dataset.n_items}); "
+            f"use cutoffs of at most {dataset.n_items}"
+        )
     cls.check(dataset, config)
 
 

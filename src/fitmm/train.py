@@ -254,5 +254,5 @@ def finish(config, dataset, model, run_dir: Path, device) -> dict[str, Any]:
     runio.write_json(run_dir / "summary.json", summary)
     from .plots import plot_training_curves  # matplotlib is optional
 
-    plot_training_curves(log, config["valid_metric"], run_dir / "curves.png")
+    plot_training_curves(log, config["valid_metric"], run_dir / "curves.png", title=f"{config['model']} on {dataset.name}")
     return summary

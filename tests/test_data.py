@@ -1,5 +1,7 @@
 """Loading MMRec folders: the quirks that must load, and every bad input's error (exit 2, nothing written)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -150,3 +152,40 @@ def test_synthetic_content_carries_signal():
 def test_loader_error_is_an_input_error(tmp_path):
     with pytest.raises(InputError):
         load_mmrec(tmp_path / "nothing")
+
+
+def test_os_errors_are_named_by_cause(tmp_path):
+    from fitmm.data.mmrec import os_error_message
+
+    path = tmp_path / "x.inter"
+    assert os_error_message(path, PermissionError(13, "Permission denied"), "read the interaction file") == (
+        f"{path}: permission denied (cannot read the interaction file); make it readable for this user (e.g. chmod a+r)")
+    assert "is a folder, not a file" in os_error_message(path, IsADirectoryError(21, "Is a directory"), "read it")
+    assert os_error_message(path, OSError(5, "Input/output error"), "read it") == f"{path}: cannot read it (Input/output error)"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file: permissions cannot be tested for real")
+def test_real_permission_errors(dataset_dir, capsys):
+    inter = dataset_dir / "synthetic.inter"
+    try:
+        inter.chmod(0)
+        assert main(["data", "info", str(dataset_dir)]) == 2
+        assert "synthetic.inter: permission denied" in capsys.readouterr().err
+        inter.chmod(0o644)
+        dataset_dir.chmod(0o300)  # can enter, cannot list
+        assert main(["data", "info", str(dataset_dir)]) == 2
+        assert "permission denied (cannot list the dataset folder)" in capsys.readouterr().err
+    finally:
+        dataset_dir.chmod(0o755)
+        inter.chmod(0o644)
+
+
+def test_dense_id_rule_passes_gaps_and_every_real_dataset(dataset_dir):
+    """Ids with gaps load (max id + 1 <= 2 x distinct + 1000); the real datasets are all dense."""
+    from conftest import SHARED_DATA
+
+    lines = read_inter_lines(dataset_dir)
+    write_inter_lines(dataset_dir, lines + ["1599\t5\t0"])  # 300 users -> 301 distinct, max id 1599
+    assert load_mmrec(dataset_dir).n_users == 1600
+    for folder in sorted(SHARED_DATA.glob("*/")) if SHARED_DATA.is_dir() else []:
+        load_mmrec(folder)  # raises if a real dataset broke the rule

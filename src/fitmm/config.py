@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .errors import InputError
+from .errors import InputError, quote
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def suggest(name: str, known) -> str:
 def coerce(key: str, value: Any, default: Any, where: str) -> Any:
     """Check `value` against the type of `default`; return it converted (int -> float, '1e-4' -> float)."""
     def bad(expected: str) -> InputError:
-        return InputError(f"config key '{key}' ({where}): expected {expected}, got {value!r}")
+        return InputError(f"config key '{key}' ({where}): expected {expected}, got {quote(value)}")
 
     if default is None:
         return value
@@ -291,7 +291,7 @@ def validate(config: dict[str, Any], bounds: dict[str, Bound] = BASE_BOUNDS) -> 
             f"got {dims!r}"
         )
     ks = config["topk"]
-    if not ks or not all(isinstance(k, int) and k >= 1 for k in ks):
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
         raise InputError(f"config key 'topk': expected a list of positive integers, got {ks!r}")
     metric, _, k = str(config["valid_metric"]).partition("@")
     if metric not in ("recall", "ndcg", "precision", "map", "hit") or not k.isdigit() or int(k) not in ks:

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, quote
 from .dataset import Dataset, interaction_matrix
 
 REQUIRED_COLUMNS = ("userID", "itemID", "x_label")
 FEATURE_SUFFIX = "_feat.npy"
-QUOTE_LIMIT = 80  # characters of file content an error message quotes at most
 NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
 ZIP_MAGIC = b"PK\x03\x04"  # an .npz archive is a zip file
 # MMRec ids are dense: 0..n-1. Arrays are sized max id + 1, so one stray huge id (10^8) would cost
@@ -24,11 +23,6 @@ ZIP_MAGIC = b"PK\x03\x04"  # an .npz archive is a zip file
 # of distinct ids plus this slack (so that small hand-written files with gaps load). Every real
 # dataset in ../shared/data has max id + 1 == distinct ids.
 ID_SLACK = 1000
-
-
-def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
-    """`text` as repr, cut to about `limit` characters with '…': messages never echo a whole line."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + "…"
 
 
 def os_error_message(path: Path, exc: OSError, what: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,12 @@ class Case:
     fragment: str
     code: int = 2
     extra: Callable[[str], None] | None = field(default=None)  # further checks on the message
+    # A broken dataset: `fitmm data info` on it must fail with the very same message as train.
+    data_info: bool = False
+
+
+def data_case(name, make, fragment, **kwargs) -> Case:
+    return Case(name, make, fragment, data_info=True, **kwargs)
 
 
 RUN = ["--out", "{run}", "--set", "cache_dir={tmp}/cache"]
@@ -140,25 +147,49 @@ def short_message(err: str) -> None:
 
 SYN = ["--data", "synthetic", *RUN]
 
+def remove(name):
+    def make(tmp, ds, monkeypatch):
+        target = ds / name if name else ds
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        return train()
+    return make
+
+
+def nan_feature(path: Path):
+    feat = np.ones((200, 4), np.float32)
+    feat[17, 2] = np.nan
+    np.save(path, feat)
+
+
 CASES = [
-    # -- the .inter file -------------------------------------------------------------------------
-    Case("held-out row repeats a training pair", edit_inter(held_out_copy_of_a_train_row),
-         "is a test row and also a training row (1 held-out row(s) repeat a training pair)"),
-    Case("id with underscore 1_0", edit_inter(set_field(3, 1, "1_0")), "row 4, column itemID: '1_0' is not a whole number"),
-    Case("id with sign +1", edit_inter(set_field(3, 0, "+1")), "row 4, column userID: '+1' is not a whole number"),
-    Case("id with leading space", edit_inter(set_field(3, 0, " 1")), "row 4, column userID: ' 1' is not a whole number"),
-    Case("id written 1.0", edit_inter(set_field(3, 1, "1.0")), "'1.0' is not a whole number"),
-    Case("x_label written 0.0", edit_inter(set_field(3, 2, "0.0")), "column x_label: '0.0' is not a whole number"),
-    Case("huge item id 10^12", edit_inter(lambda lines: lines + ["0\t1000000000000\t0"]),
-         "Re-map ids to 0..n-1 (fitmm data convert does this)"),
-    Case("huge user id 10^8", edit_inter(lambda lines: lines + ["100000000\t1\t0"]),
-         "column userID: id 100000000 is far beyond the 301 distinct ids"),
-    Case("id beyond int64", edit_inter(lambda lines: lines + ["0\t" + "9" * 30 + "\t0"]), "is too large for an id"),
-    Case("500-character header", edit_inter(long_header), "missing column(s) x_label", extra=short_message),
-    Case("500-character id", edit_inter(set_field(2, 0, "7" * 10 + "x" * 490)), "is not a whole number",
-         extra=short_message),
-    Case(".inter unreadable (permissions)", unreadable_inter, "synthetic.inter: permission denied"),
-    Case("dataset folder unreadable (permissions)", unreadable_folder, "ds: permission denied (cannot list"),
+    # -- the dataset folder and its .inter file -------------------------------------------------------
+    Case("dataset folder missing", remove(""), "dataset folder not found"),
+    data_case("no .inter file", remove("synthetic.inter"), "no .inter file in this folder"),
+    data_case("column missing", edit_inter(lambda lines: ["userID\titem\tx_label"] + lines[1:]),
+              "synthetic.inter, header row: missing column(s) itemID"),
+    data_case("id not a number", edit_inter(set_field(5, 1, "abc")),
+              "synthetic.inter, row 6, column itemID: 'abc' is not a whole number"),
+    data_case("negative id", edit_inter(set_field(7, 0, "-1")), "row 8, column userID: negative id -1; ids are 0-based"),
+    data_case("x_label not 0, 1 or 2", edit_inter(set_field(3, 2, "7")), "row 4, column x_label: 7 is not 0, 1 or 2"),
+    data_case("no training rows", edit_inter(lambda lines: [lines[0]] + [l for l in lines[1:] if not l.endswith("\t0")]),
+              "the training split is empty"),
+    data_case("held-out row repeats a training pair", edit_inter(held_out_copy_of_a_train_row),
+              "is a test row and also a training row (1 held-out row(s) repeat a training pair)"),
+    data_case("id with underscore 1_0", edit_inter(set_field(3, 1, "1_0")), "row 4, column itemID: '1_0' is not a whole number"),
+    data_case("id with sign +1", edit_inter(set_field(3, 0, "+1")), "row 4, column userID: '+1' is not a whole number"),
+    data_case("id with leading space", edit_inter(set_field(3, 0, " 1")), "row 4, column userID: ' 1' is not a whole number"),
+    data_case("id written 1.0", edit_inter(set_field(3, 1, "1.0")), "'1.0' is not a whole number"),
+    data_case("x_label written 0.0", edit_inter(set_field(3, 2, "0.0")), "column x_label: '0.0' is not a whole number"),
+    data_case("huge item id 10^12", edit_inter(lambda lines: lines + ["0\t1000000000000\t0"]),
+              "Re-map ids to 0..n-1 (fitmm data convert does this)"),
+    data_case("huge user id 10^8", edit_inter(lambda lines: lines + ["100000000\t1\t0"]),
+              "column userID: id 100000000 is far beyond the 301 distinct ids"),
+    data_case("id beyond int64", edit_inter(lambda lines: lines + ["0\t" + "9" * 30 + "\t0"]), "is too large for an id"),
+    data_case("500-character header", edit_inter(long_header), "missing column(s) x_label", extra=short_message),
+    data_case("500-character id", edit_inter(set_field(2, 0, "7" * 10 + "x" * 490)), "is not a whole number",
+              extra=short_message),
+    data_case(".inter unreadable (permissions)", unreadable_inter, "synthetic.inter: permission denied"),
+    data_case("dataset folder unreadable (permissions)", unreadable_folder, "ds: permission denied (cannot list"),
     Case("data info given a file", lambda tmp, ds, mp: ["data", "info", str(ds / "synthetic.inter")],
          "synthetic.inter: is a file; pass the dataset folder"),
     Case("train --data given a file", lambda tmp, ds, mp: train(data=str(ds / "synthetic.inter")),
@@ -169,12 +200,18 @@ CASES = [
          argv("data", "info", "{ds}", "--set", "modalities={image: sub/../../image_feat.npy}"),
          "config key 'modalities': 'sub/../../image_feat.npy' points outside the dataset folder"),
     # -- feature files -----------------------------------------------------------------------------
-    Case("feature matrix with 0 columns", with_file("image_feat.npy", lambda p: np.save(p, np.zeros((200, 0), np.float32))),
-         "image_feat.npy: the matrix has 0 columns"),
-    Case(".npz saved as _feat.npy", with_file("image_feat.npy", npz_as_npy),
-         "image_feat.npy: is an .npz archive, not a .npy file"),
-    Case("text file named _feat.npy", with_file("image_feat.npy", b"1 2 3\n4 5 6\n"), "image_feat.npy: not a .npy file"),
-    Case("symlink to text named _feat.npy", with_file("image_feat.npy", text_symlink), "image_feat.npy: not a .npy file"),
+    data_case("feature rows != items", with_file("image_feat.npy", lambda p: np.save(p, np.zeros((199, 4), np.float32))),
+              "image_feat.npy: 199 feature rows, but the interactions have 200 items"),
+    data_case("NaN feature", with_file("text_feat.npy", nan_feature),
+              "text_feat.npy, row 17 (item 17), column 2: nan is not finite"),
+    Case("mapped feature file missing", argv("data", "info", "{ds}", "--set", "modalities={image: nope.npy}"),
+         "nope.npy: feature file not found"),
+    data_case("feature matrix with 0 columns", with_file("image_feat.npy", lambda p: np.save(p, np.zeros((200, 0), np.float32))),
+              "image_feat.npy: the matrix has 0 columns"),
+    data_case(".npz saved as _feat.npy", with_file("image_feat.npy", npz_as_npy),
+              "image_feat.npy: is an .npz archive, not a .npy file"),
+    data_case("text file named _feat.npy", with_file("image_feat.npy", b"1 2 3\n4 5 6\n"), "image_feat.npy: not a .npy file"),
+    data_case("symlink to text named _feat.npy", with_file("image_feat.npy", text_symlink), "image_feat.npy: not a .npy file"),
     # -- config values -----------------------------------------------------------------------------
     Case("n_layers=-1", argv("train", "--model", "lightgcn", *SYN, "--set", "n_layers=-1"),
          "config key 'n_layers': must be >= 0, got -1"),
@@ -246,3 +283,6 @@ def test_bad_input_exits_2_with_the_cause_and_writes_nothing(case, dataset_dir, 
         case.extra(err)
     assert snapshot(tmp_path) == before  # no run dir, no output folder, no cache, no file touched
     assert not (tmp_path / "run").exists()
+    if case.data_info:  # `fitmm data info` is the same validator
+        assert main(["data", "info", str(dataset_dir)]) == 2
+        assert capsys.readouterr().err == err

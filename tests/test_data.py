@@ -1,4 +1,4 @@
-"""Loading MMRec folders: the quirks that must load, and every bad input's error (exit 2, nothing written)."""
+"""Loading MMRec folders: the quirks that must load. (Every bad input's error: tests/test_bad_input.py.)"""
 
 import os
 
@@ -50,73 +50,6 @@ def test_id_only_and_explicit_modalities(dataset_dir):
     assert load_mmrec(dataset_dir).modalities == []
     ds = load_mmrec(dataset_dir, {"visual": "image.npy"})
     assert ds.modalities == ["visual"]
-
-
-def _corrupt(folder, kind):
-    """Make `folder` invalid in one way; return the words the error must contain."""
-    lines = read_inter_lines(folder)
-    if kind == "missing folder":
-        import shutil
-        shutil.rmtree(folder)
-        return ["dataset folder not found"]
-    if kind == "missing inter":
-        (folder / "synthetic.inter").unlink()
-        return ["no .inter file"]
-    if kind == "missing column":
-        write_inter_lines(folder, ["userID\titem\tx_label"] + lines[1:])
-        return ["synthetic.inter, header row", "missing column(s) itemID"]
-    if kind == "non-integer id":
-        lines[5] = "3\tabc\t0"
-        write_inter_lines(folder, lines)
-        return ["synthetic.inter, row 6, column itemID", "'abc' is not a whole number"]
-    if kind == "negative id":
-        lines[7] = "-1\t4\t0"
-        write_inter_lines(folder, lines)
-        return ["row 8, column userID", "negative id -1"]
-    if kind == "bad x_label":
-        lines[3] = "1\t2\t7"
-        write_inter_lines(folder, lines)
-        return ["row 4, column x_label", "7 is not 0, 1 or 2"]
-    if kind == "feature rows":
-        np.save(folder / "image_feat.npy", np.zeros((199, 4), np.float32))
-        return ["image_feat.npy", "199 feature rows", "200 items"]
-    if kind == "nan feature":
-        feat = np.ones((200, 4), np.float32)
-        feat[17, 2] = np.nan
-        np.save(folder / "text_feat.npy", feat)
-        return ["text_feat.npy, row 17 (item 17), column 2", "not finite"]
-    if kind == "empty train":
-        write_inter_lines(folder, [lines[0]] + [l for l in lines[1:] if not l.endswith("\t0")])
-        return ["training split is empty"]
-    if kind == "unreadable npy":
-        (folder / "image_feat.npy").write_bytes(b"this is not numpy")
-        return ["image_feat.npy", "not a .npy file"]
-    raise AssertionError(kind)
-
-
-KINDS = ["missing folder", "missing inter", "missing column", "non-integer id", "negative id",
-         "bad x_label", "feature rows", "nan feature", "empty train", "unreadable npy"]
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_bad_input_exits_2_names_the_problem_and_writes_nothing(dataset_dir, tmp_path, capsys, kind):
-    expected = _corrupt(dataset_dir, kind)
-    run = tmp_path / "run"
-    code = main(["train", "--model", "bpr", "--data", str(dataset_dir), "--out", str(run), *small_args()])
-    err = capsys.readouterr().err
-    assert code == 2
-    for words in expected:
-        assert words in err
-    assert not run.exists()
-    # `fitmm data info` is the same validator.
-    assert main(["data", "info", str(dataset_dir)]) == 2
-    assert capsys.readouterr().err == err
-
-
-def test_missing_mapped_feature_file(dataset_dir, capsys):
-    code = main(["data", "info", str(dataset_dir), "--set", "modalities={image: nope.npy}"])
-    assert code == 2
-    assert "nope.npy: feature file not found" in capsys.readouterr().err
 
 
 def test_data_info_prints_statistics(dataset_dir, capsys):

@@ -92,7 +92,7 @@ def test_os_errors_are_named_by_cause(tmp_path):
 
     path = tmp_path / "x.inter"
     assert os_error_message(path, PermissionError(13, "Permission denied"), "read the interaction file") == (
-        f"{path}: permission denied (cannot read the interaction file); make it readable for this user (e.g. chmod a+r)")
+        f"{path}: permission denied (cannot read the interaction file); make it readable for this user (e.g. chmod a+rX)")
     assert "is a folder, not a file" in os_error_message(path, IsADirectoryError(21, "Is a directory"), "read it")
     assert os_error_message(path, OSError(5, "Input/output error"), "read it") == f"{path}: cannot read it (Input/output error)"
 

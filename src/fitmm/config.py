@@ -107,7 +107,7 @@ BASE_BOUNDS: dict[str, Bound] = {
 }
 
 KEY_HELP: dict[str, str] = {
-    "model": "the model to train (fitmm, freedom, smore, lgmrec, bm3, vbpr, lightgcn, bpr, pop)",
+    "model": "the model to train (every model and its keys: `fitmm config`)",
     "data": "an MMRec dataset folder, or 'synthetic' (the built-in generator)",
     "inter_file": "the .inter file inside the dataset folder; '' = the only *.inter there",
     "modalities": "modality name -> .npy file inside the dataset folder; {} = every <name>_feat.npy",

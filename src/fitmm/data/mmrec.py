@@ -28,7 +28,7 @@ ID_SLACK = 1000
 def os_error_message(path: Path, exc: OSError, what: str) -> str:
     """The message for an OSError met while reading `path` (`what`: 'read the interaction file')."""
     if isinstance(exc, PermissionError):
-        return f"{path}: permission denied (cannot {what}); make it readable for this user (e.g. chmod a+r)"
+        return f"{path}: permission denied (cannot {what}); make it readable for this user (e.g. chmod a+rX)"
     if isinstance(exc, IsADirectoryError):
         return f"{path}: is a folder, not a file; cannot {what}"
     return f"{path}: cannot {what} ({exc.strerror or exc.__class__.__name__})"

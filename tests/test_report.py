@@ -68,3 +68,15 @@ def test_training_curves_title_integer_ticks_and_best_epoch(tmp_path, monkeypatc
         assert isinstance(locator, MaxNLocator) and locator._integer
     labels = [line.get_label() for line in metric_ax.get_lines()]
     assert "best: epoch 2 (0.3000)" in labels
+
+
+def test_bench_plot_names_the_dataset(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from fitmm import bench, plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
+    rows = [{"model": m, "mean": {"recall@20": 0.2, "ndcg@20": 0.1}, "std": {"recall@20": 0.01, "ndcg@20": None}}
+            for m in ("fitmm", "pop")]
+    assert bench.plot_bench(rows, tmp_path / "bench.png", "ml100k_mm")
+    assert figures[0].axes[0].get_title() == "ml100k_mm: test Recall@20 and NDCG@20"

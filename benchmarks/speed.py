@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     dataset.lend_features = True  # as `fitmm train` does: one model, features fine-tuned in place
     with tempfile.TemporaryDirectory() as cache:
         overrides = {"model": args.model, "progress": False, "cache_dir": cache, **parse_set(args.set)}
-        config = resolve([("speed.py", overrides)], lambda n: model_class(n).defaults)
+        config = resolve([("speed.py", overrides)])
         graph_seconds = None
         if "knn_k" in config:  # time the item kNN graph alone; the model then reads it from the cache
             weights = config.get("modality_weights") or knn.default_modality_weights(dataset.modalities)

@@ -33,9 +33,7 @@ def id_only():
 
 
 def make_config(name, cache, **overrides):
-    return resolve(
-        [("test", {"model": name, "cache_dir": str(cache), **overrides})], lambda n: model_class(n).defaults
-    )
+    return resolve([("test", {"model": name, "cache_dir": str(cache), **overrides})])
 
 
 def build(name, dataset, cache, **overrides):

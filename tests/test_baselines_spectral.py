@@ -22,8 +22,7 @@ def small(feature_dims=None):
 
 
 def make(name, tmp_path, dataset=None, **overrides):
-    config = resolve([("test", {"model": name, "cache_dir": str(tmp_path / "cache"), **overrides})],
-                     lambda n: model_class(n).defaults)
+    config = resolve([("test", {"model": name, "cache_dir": str(tmp_path / "cache"), **overrides})])
     dataset = dataset or small()
     cls = model_class(name)
     cls.check(dataset, config)
@@ -100,13 +99,13 @@ def test_single_modality_works(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["smore", "lgmrec"])
 def test_id_only_dataset_is_refused(name, tmp_path):
-    config = resolve([("test", {"model": name})], lambda n: model_class(n).defaults)
+    config = resolve([("test", {"model": name})])
     with pytest.raises(InputError, match="modalit"):
         model_class(name).check(small({}), config)
 
 
 def test_smore_knn_k_larger_than_items_is_refused(tmp_path):
-    config = resolve([("test", {"model": "smore", "image_knn_k": 500})], lambda n: model_class(n).defaults)
+    config = resolve([("test", {"model": "smore", "image_knn_k": 500})])
     with pytest.raises(InputError, match="image_knn_k"):
         model_class("smore").check(small(), config)
 

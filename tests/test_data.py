@@ -1,4 +1,6 @@
-"""Loading MMRec folders: the quirks that must load, and every bad input's error (exit 2, nothing written)."""
+"""Loading MMRec folders: the quirks that must load. (Every bad input's error: tests/test_bad_input.py.)"""
+
+import os
 
 import numpy as np
 import pytest
@@ -50,73 +52,6 @@ def test_id_only_and_explicit_modalities(dataset_dir):
     assert ds.modalities == ["visual"]
 
 
-def _corrupt(folder, kind):
-    """Make `folder` invalid in one way; return the words the error must contain."""
-    lines = read_inter_lines(folder)
-    if kind == "missing folder":
-        import shutil
-        shutil.rmtree(folder)
-        return ["dataset folder not found"]
-    if kind == "missing inter":
-        (folder / "synthetic.inter").unlink()
-        return ["no .inter file"]
-    if kind == "missing column":
-        write_inter_lines(folder, ["userID\titem\tx_label"] + lines[1:])
-        return ["synthetic.inter, header row", "missing column(s) itemID"]
-    if kind == "non-integer id":
-        lines[5] = "3\tabc\t0"
-        write_inter_lines(folder, lines)
-        return ["synthetic.inter, row 6, column itemID", "'abc' is not an integer"]
-    if kind == "negative id":
-        lines[7] = "-1\t4\t0"
-        write_inter_lines(folder, lines)
-        return ["row 8, column userID", "negative id -1"]
-    if kind == "bad x_label":
-        lines[3] = "1\t2\t7"
-        write_inter_lines(folder, lines)
-        return ["row 4, column x_label", "7 is not 0, 1 or 2"]
-    if kind == "feature rows":
-        np.save(folder / "image_feat.npy", np.zeros((199, 4), np.float32))
-        return ["image_feat.npy", "199 feature rows", "200 items"]
-    if kind == "nan feature":
-        feat = np.ones((200, 4), np.float32)
-        feat[17, 2] = np.nan
-        np.save(folder / "text_feat.npy", feat)
-        return ["text_feat.npy, row 17 (item 17), column 2", "not finite"]
-    if kind == "empty train":
-        write_inter_lines(folder, [lines[0]] + [l for l in lines[1:] if not l.endswith("\t0")])
-        return ["training split is empty"]
-    if kind == "unreadable npy":
-        (folder / "image_feat.npy").write_bytes(b"this is not numpy")
-        return ["image_feat.npy", "cannot read as a .npy array"]
-    raise AssertionError(kind)
-
-
-KINDS = ["missing folder", "missing inter", "missing column", "non-integer id", "negative id",
-         "bad x_label", "feature rows", "nan feature", "empty train", "unreadable npy"]
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_bad_input_exits_2_names_the_problem_and_writes_nothing(dataset_dir, tmp_path, capsys, kind):
-    expected = _corrupt(dataset_dir, kind)
-    run = tmp_path / "run"
-    code = main(["train", "--model", "bpr", "--data", str(dataset_dir), "--out", str(run), *small_args()])
-    err = capsys.readouterr().err
-    assert code == 2
-    for words in expected:
-        assert words in err
-    assert not run.exists()
-    # `fitmm data info` is the same validator.
-    assert main(["data", "info", str(dataset_dir)]) == 2
-    assert capsys.readouterr().err == err
-
-
-def test_missing_mapped_feature_file(dataset_dir, capsys):
-    code = main(["data", "info", str(dataset_dir), "--set", "modalities={image: nope.npy}"])
-    assert code == 2
-    assert "nope.npy: feature file not found" in capsys.readouterr().err
-
-
 def test_data_info_prints_statistics(dataset_dir, capsys):
     import json
 
@@ -150,3 +85,40 @@ def test_synthetic_content_carries_signal():
 def test_loader_error_is_an_input_error(tmp_path):
     with pytest.raises(InputError):
         load_mmrec(tmp_path / "nothing")
+
+
+def test_os_errors_are_named_by_cause(tmp_path):
+    from fitmm.data.mmrec import os_error_message
+
+    path = tmp_path / "x.inter"
+    assert os_error_message(path, PermissionError(13, "Permission denied"), "read the interaction file") == (
+        f"{path}: permission denied (cannot read the interaction file); make it readable for this user (e.g. chmod a+rX)")
+    assert "is a folder, not a file" in os_error_message(path, IsADirectoryError(21, "Is a directory"), "read it")
+    assert os_error_message(path, OSError(5, "Input/output error"), "read it") == f"{path}: cannot read it (Input/output error)"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file: permissions cannot be tested for real")
+def test_real_permission_errors(dataset_dir, capsys):
+    inter = dataset_dir / "synthetic.inter"
+    try:
+        inter.chmod(0)
+        assert main(["data", "info", str(dataset_dir)]) == 2
+        assert "synthetic.inter: permission denied" in capsys.readouterr().err
+        inter.chmod(0o644)
+        dataset_dir.chmod(0o300)  # can enter, cannot list
+        assert main(["data", "info", str(dataset_dir)]) == 2
+        assert "permission denied (cannot list the dataset folder)" in capsys.readouterr().err
+    finally:
+        dataset_dir.chmod(0o755)
+        inter.chmod(0o644)
+
+
+def test_dense_id_rule_passes_gaps_and_every_real_dataset(dataset_dir):
+    """Ids with gaps load (max id + 1 <= 2 x distinct + 1000); the real datasets are all dense."""
+    from conftest import SHARED_DATA
+
+    lines = read_inter_lines(dataset_dir)
+    write_inter_lines(dataset_dir, lines + ["1599\t5\t0"])  # 300 users -> 301 distinct, max id 1599
+    assert load_mmrec(dataset_dir).n_users == 1600
+    for folder in sorted(SHARED_DATA.glob("*/")) if SHARED_DATA.is_dir() else []:
+        load_mmrec(folder)  # raises if a real dataset broke the rule

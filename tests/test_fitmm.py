@@ -17,7 +17,7 @@ from fitmm.train import train_step
 
 
 def make(tmp_path, dataset=None, **overrides):
-    config = resolve([("test", {"cache_dir": str(tmp_path / "cache"), **overrides})], lambda n: model_class(n).defaults)
+    config = resolve([("test", {"cache_dir": str(tmp_path / "cache"), **overrides})])
     dataset = dataset or small_dataset()
     FITMM.check(dataset, config)
     torch.manual_seed(0)

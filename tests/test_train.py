@@ -170,7 +170,7 @@ def test_report_tables_runs_with_mean_and_std(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", *map(str, runs), "--metrics", "recall@20,ndcg@10"]) == 0
     out = capsys.readouterr().out
-    assert "| pop | synthetic | clean | 2 |" in out
+    assert "| pop | synthetic | — | 2 |" in out
     assert "± 0.0000" in out  # most-popular ignores the seed
     assert main(["report", str(runs[0]), "--metrics", "recall@7"]) == 2
     assert main(["report", str(tmp_path / "missing")]) == 2

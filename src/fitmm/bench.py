@@ -148,7 +148,7 @@ def model_config(model: str, shared: dict[str, Any], point: dict[str, Any], seed
         ("fitmm bench", {"model": model, "data": data, "seed": seed, "selection": "clean"}),
     ]
     try:
-        return resolve(layers, _model_defaults)
+        return resolve(layers)
     except InputError as exc:
         raise InputError(f"model '{model}': {exc}") from None
 
@@ -383,9 +383,9 @@ def selection_markdown(plans: list[ModelPlan], valid_metric: str, first_seed: in
     return "\n".join(lines) + "\n"
 
 
-def plot_bench(rows: list[dict], path: Path) -> bool:
-    """Grouped bars of mean test Recall@20 and NDCG@20 per model with std error bars;
-    returns False when matplotlib is missing."""
+def plot_bench(rows: list[dict], path: Path, dataset: str) -> bool:
+    """Grouped bars of mean test Recall@20 and NDCG@20 per model with std error bars, titled with
+    the dataset's name; returns False when matplotlib is missing."""
     from .plots import _pyplot, save_figure
 
     plt = _pyplot()
@@ -400,6 +400,7 @@ def plot_bench(rows: list[dict], path: Path) -> bool:
         ax.bar(x + (j - 0.5) * width, means, width, yerr=stds, capsize=3, label=METRIC_LABELS[metric])
     ax.set_xticks(x, [row["model"] for row in rows])
     ax.set_ylabel("test (mean ± std over seeds)")
+    ax.set_title(f"{dataset}: test Recall@20 and NDCG@20")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     save_figure(fig, path)
@@ -500,7 +501,7 @@ def run_bench(
     table = results_markdown(rows, data, shared, grid, valid_metric)
     _write_text(out / "results.md", table)
     _write_text(out / "results.csv", results_csv(rows))
-    if plot_bench(rows, out / "bench.png"):
+    if plot_bench(rows, out / "bench.png", dataset.name):
         log(f"wrote {out}/results.md, results.csv, selection.md and bench.png")
     else:
         log(f"wrote {out}/results.md, results.csv and selection.md; bench.png skipped: matplotlib is not "

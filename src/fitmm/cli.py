@@ -9,14 +9,8 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .config import BASE_DEFAULTS, parse_set, read_config_file, resolve
+from .config import BASE_BOUNDS, BASE_DEFAULTS, KEY_HELP, model_keys, parse_set, read_config_file, resolve
 from .errors import InputError
-
-
-def _model_defaults(name: str) -> dict:
-    from .models import model_class
-
-    return model_class(name).defaults
 
 
 def build_config(args) -> dict:
@@ -29,7 +23,7 @@ def build_config(args) -> dict:
     flags = {k: getattr(args, k) for k in ("model", "data", "seed") if getattr(args, k, None) is not None}
     if flags:
         layers.append(("command line", flags))
-    config = resolve(layers, _model_defaults)
+    config = resolve(layers)
     if config["data"] != "synthetic":
         # Stored absolute so that `fitmm evaluate RUN_DIR` works from any directory.
         config["data"] = str(Path(config["data"]).expanduser().resolve())
@@ -38,7 +32,7 @@ def build_config(args) -> dict:
 
 def run_config(run_dir: Path) -> dict:
     """The resolved configuration saved in a run directory (re-validated against today's keys)."""
-    return resolve([(f"{run_dir}/config.yaml", read_config_file(run_dir / "config.yaml"))], _model_defaults)
+    return resolve([(f"{run_dir}/config.yaml", read_config_file(run_dir / "config.yaml"))])
 
 
 # What `train --resume` may change: `epochs` extends (or shortens) the run, `progress` only the display.
@@ -172,6 +166,8 @@ def cmd_data_synth(args) -> int:
     from . import data
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: already exists and is a file; choose a new --out folder")
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out}: already exists and is not empty; choose a new --out")
     config = build_config(args)
@@ -211,16 +207,37 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def cmd_help_config(args) -> int:
-    from .models import REGISTRY
+def _key_lines(defaults: dict, bounds: dict, help_: dict) -> list[str]:
+    """`key: default  # meaning (range)`, one line per key, as YAML a --config file can start from."""
+    lines = [f"{key}: {json.dumps(value)}" for key, value in defaults.items()]
+    width = max(map(len, lines))
+    out = []
+    for line, key in zip(lines, defaults):
+        bound = f" (must be {bounds[key].describe()})" if key in bounds else ""
+        out.append(f"{line.ljust(width)}  # {help_[key]}{bound}")
+    return out
 
+
+def cmd_help_config(args) -> int:
+    from .models import REGISTRY, model_class
+
+    if args.model:  # that model's run: the base keys (with its overrides) and its own keys
+        cls = model_class(args.model)
+        defaults, bounds, help_ = model_keys(args.model)
+        defaults["model"] = args.model
+        own = [key for key in cls.defaults if key not in BASE_DEFAULTS]
+        print(f"# keys of a '{args.model}' run (fitmm train --model {args.model} --set key=value)")
+        lines = _key_lines(defaults, bounds, help_)
+        print("\n".join(line for line, key in zip(lines, defaults) if key not in own))
+        if own:
+            print(f"\n# '{args.model}' keys")
+            print("\n".join(line for line, key in zip(lines, defaults) if key in own))
+        return 0
     print("# keys of every run (fitmm train --set key=value)")
-    for key, value in BASE_DEFAULTS.items():
-        print(f"{key}: {json.dumps(value)}")
+    print("\n".join(_key_lines(BASE_DEFAULTS, BASE_BOUNDS, KEY_HELP)))
     for name, cls in sorted(REGISTRY.items()):
-        print(f"\n# model '{name}'")
-        for key, value in cls.defaults.items():
-            print(f"{key}: {json.dumps(value)}")
+        print(f"\n# model '{name}' (its keys, and the defaults it changes)")
+        print("\n".join(_key_lines(cls.defaults, {**BASE_BOUNDS, **cls.bounds}, {**KEY_HELP, **cls.key_help})))
     return 0
 
 
@@ -275,7 +292,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bench folder; re-run the same command to continue it")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("config", help="list every config key with its default")
+    p = sub.add_parser("config", help="list every config key with its default, meaning and range")
+    p.add_argument("--model", help="only the keys of this model's runs")
     p.set_defaults(func=cmd_help_config)
 
     p = sub.add_parser("data", help="dataset tools")

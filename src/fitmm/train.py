@@ -87,6 +87,11 @@ def check_run(config: dict[str, Any], dataset: Dataset) -> None:
         )
     if len(evaluated_users(dataset, "test")) == 0:
         raise InputError(f"{dataset.source}: no user has both training and test rows (x_label = 2)")
+    if max(config["topk"]) > dataset.n_items:  # covers valid_metric too: its K is one of topk
+        raise InputError(
+            f"config key 'topk': cutoff {max(config['topk'])} is above the number of items ({dataset.n_items}); "
+            f"use cutoffs of at most {dataset.n_items}"
+        )
     cls.check(dataset, config)
 
 
@@ -481,5 +486,5 @@ def finish(config, dataset, model, run_dir: Path, device, data_json: dict) -> di
     runio.write_json(run_dir / "summary.json", summary)
     from .plots import plot_training_curves  # matplotlib is optional
 
-    plot_training_curves(log, config["valid_metric"], run_dir / "curves.png")
+    plot_training_curves(log, config["valid_metric"], run_dir / "curves.png", title=f"{config['model']} on {dataset.name}")
     return summary

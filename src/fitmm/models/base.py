@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import suggest
+from ..config import Bound, suggest
 from ..data.dataset import Dataset
 from ..data.sampling import Batch
 from ..errors import InputError
@@ -44,6 +44,10 @@ def model_class(name: str) -> type["Recommender"]:
 class Recommender(nn.Module):
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    # Next to `defaults`: the range of each numeric key (config.Bound, checked before anything is
+    # written; every numeric key has one) and a one-line meaning of each key (`fitmm config`).
+    bounds: ClassVar[dict[str, Bound]] = {}
+    key_help: ClassVar[dict[str, str]] = {}
     # Allowed values of string keys in `defaults` (checked before anything is written).
     choices: ClassVar[dict[str, tuple]] = {}
     # Hyper-parameter grid for searches: {config key: [values]} (the field's usual grid).

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError
 from ..graphs import normalized_adjacency, to_torch
+from ..config import AT_LEAST_0, AT_LEAST_1, FRACTION
 from .base import Recommender, l2_penalty, register
 from .lightgcn import propagate
 
@@ -49,19 +49,22 @@ class BM3(Recommender):
         "embedding_size": 64,
         "lr": 1e-3,
         "n_layers": 1,
-        "dropout": 0.5,  # dropout ratio of the target views
+        "dropout": 0.5,
         "reg_weight": 0.1,
-        "cl_weight": 2.0,  # weight of the inter- and intra-modality terms
+        "cl_weight": 2.0,
+    }
+    bounds = {
+        "embedding_size": AT_LEAST_1, "n_layers": AT_LEAST_0, "dropout": FRACTION,
+        "reg_weight": AT_LEAST_0, "cl_weight": AT_LEAST_0,
+    }
+    key_help = {
+        "embedding_size": "embedding width",
+        "n_layers": "LightGCN layers over the user-item graph",
+        "dropout": "dropout ratio of the target views",
+        "reg_weight": "weight of the L2 penalty on the online embeddings",
+        "cl_weight": "weight of the inter- and intra-modality alignment terms",
     }
     search_space = {"n_layers": [1, 2], "dropout": [0.3, 0.5], "reg_weight": [0.1, 0.01]}
-
-    @classmethod
-    def check(cls, dataset, config):
-        super().check(dataset, config)
-        if not 0.0 <= config["dropout"] < 1.0:
-            raise InputError(f"config key 'dropout': must be in [0, 1), got {config['dropout']}")
-        if config["n_layers"] < 0:
-            raise InputError(f"config key 'n_layers': must be >= 0, got {config['n_layers']}")
 
     def __init__(self, dataset, config):
         super().__init__(dataset, config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import AT_LEAST_0, AT_LEAST_1
 from .base import Recommender, bpr_loss, l2_penalty, register
 
 
@@ -12,6 +13,8 @@ from .base import Recommender, bpr_loss, l2_penalty, register
 class BPRMF(Recommender):
     name = "bpr"
     defaults = {"embedding_size": 64, "lr": 1e-3, "reg_weight": 1e-4}
+    bounds = {"embedding_size": AT_LEAST_1, "reg_weight": AT_LEAST_0}
+    key_help = {"embedding_size": "embedding width", "reg_weight": "weight of the batch L2 penalty"}
 
     def __init__(self, dataset, config):
         super().__init__(dataset, config)

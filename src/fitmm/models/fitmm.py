@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import cache_dir
+from ..config import AT_LEAST_0, AT_LEAST_1, POSITIVE, cache_dir
 from ..errors import InputError
 from ..graphs import normalized_adjacency, sparse_matmul, to_torch
 from ..knn import cached_mixed_knn_graph, default_modality_weights, user_knn_graph
@@ -51,29 +51,60 @@ class FITMM(Recommender):
     # The authors' released configuration (method spec §9), used for every dataset.
     defaults = {
         "lr": 1e-4,
-        "embedding_size": 64,  # d, per modality branch
-        "n_layers": 2,  # LightGCN layers over the user-item graph
-        "n_mm_layers": 1,  # item-item graph layers for the enhanced item view
-        "mlp_hidden": 256,  # hidden width of the raw-feature MLPs
+        "embedding_size": 64,
+        "n_layers": 2,
+        "n_mm_layers": 1,
+        "mlp_hidden": 256,
         "knn_k": 10,
-        "modality_weights": {},  # modality -> weight in the item graph; {} = 0.1 image / 0.9 text, else equal
-        "item_graph": True,  # ablation: false drops the enhanced item view H_I
-        "user_graph": False,  # optional user-user kNN graph over mean content features (spec §4)
+        "modality_weights": {},
+        "item_graph": True,
+        "user_graph": False,
         "user_knn_k": 10,
-        "train_features": True,  # fine-tune the raw item features, as released; false freezes them
-        "feature_precision": "float32",  # float32 | bfloat16: the raw-feature MLPs' matmuls (see _item_ego)
-        "num_bands": 3,  # M; 1 = no decomposition (ablation)
-        "gate": "pos",  # pos (sigmoid) | dual (tanh) | off (ablation: all gates 1)
+        "train_features": True,
+        "feature_precision": "float32",
+        "num_bands": 3,
+        "gate": "pos",
         "gate_scale_init": 0.5,
-        "loss": "bce",  # bce (as released) | bpr
+        "loss": "bce",
         "ib_weight": 1.0,
-        "ib_mode": "pos",  # pos: only gate openings above 1 are penalised | dual: both directions
+        "ib_mode": "pos",
         "ib_alpha": 1.0,
         "ib_mu": 1.0,
-        "ib_phi": 0.0,  # phi+, the shut-off threshold
-        "consistency": "cross_band",  # cross_band (as released) | cross_modal (as the paper words it) | none
+        "ib_phi": 0.0,
+        "consistency": "cross_band",
         "cl_weight": 0.001,
         "cl_tau": 1.0,
+    }
+    bounds = {
+        "embedding_size": AT_LEAST_1, "n_layers": AT_LEAST_0, "n_mm_layers": AT_LEAST_0, "mlp_hidden": AT_LEAST_1,
+        "knn_k": AT_LEAST_1, "user_knn_k": AT_LEAST_1, "num_bands": AT_LEAST_1, "gate_scale_init": AT_LEAST_0,
+        "ib_weight": AT_LEAST_0, "ib_alpha": AT_LEAST_0, "ib_mu": AT_LEAST_0, "ib_phi": AT_LEAST_0,
+        "cl_weight": AT_LEAST_0, "cl_tau": POSITIVE,
+    }
+    key_help = {
+        "embedding_size": "d, the embedding width of each modality branch",
+        "n_layers": "LightGCN layers over the user-item graph",
+        "n_mm_layers": "item-item graph layers for the enhanced item view",
+        "mlp_hidden": "hidden width of the raw-feature MLPs",
+        "knn_k": "neighbours per item in the item-item kNN graph (at most the number of items)",
+        "modality_weights": "modality -> weight in the item graph; {} = 0.1 image / 0.9 text, else equal",
+        "item_graph": "ablation: false drops the enhanced item view H_I",
+        "user_graph": "optional user-user kNN graph over mean content features (spec §4)",
+        "user_knn_k": "neighbours per user in the user-user graph (at most the number of users)",
+        "train_features": "fine-tune the raw item features, as released; false freezes them",
+        "feature_precision": "float32 | bfloat16: precision of the raw-feature MLPs' matmuls",
+        "num_bands": "M, spectral bands per modality chunk; 1 = no decomposition (ablation)",
+        "gate": "pos (sigmoid) | dual (tanh) | off (ablation: all gates 1)",
+        "gate_scale_init": "initial scale s of the residual gate g = 1 + s * sigma(...)",
+        "loss": "bce (as released) | bpr",
+        "ib_weight": "weight of the information-bottleneck term on the gates",
+        "ib_mode": "pos: only gate openings above 1 are penalised | dual: both directions",
+        "ib_alpha": "IB term: weight of the squared gate opening",
+        "ib_mu": "IB term: weight of the sparsity part",
+        "ib_phi": "IB term: phi+, the shut-off threshold",
+        "consistency": "cross_band (as released) | cross_modal (as the paper words it) | none",
+        "cl_weight": "weight of the spectral consistency loss",
+        "cl_tau": "temperature of the consistency loss",
     }
     choices = {
         "gate": ("pos", "dual", "off"),
@@ -94,9 +125,9 @@ class FITMM(Recommender):
                 f"{dataset.source}: fitmm's item/user kNN graphs need content features, and this dataset has none; "
                 f"add *_feat.npy files or run ID-only with --set item_graph=false"
             )
-        for key in ("knn_k", "user_knn_k"):
-            if config[key] < 1:
-                raise InputError(f"config key '{key}': must be >= 1, got {config[key]}")
+        for key, count, what in (("knn_k", dataset.n_items, "items"), ("user_knn_k", dataset.n_users, "users")):
+            if config[key] > count:
+                raise InputError(f"config key '{key}': must be at most the number of {what} ({count}), got {config[key]}")
         cls.check_modality_weights(dataset, config)
 
     def __init__(self, dataset, config):

@@ -40,7 +40,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from ..config import cache_dir
+from ..config import AT_LEAST_0, AT_LEAST_1, FRACTION, cache_dir
 from ..errors import InputError
 from ..graphs import normalized_adjacency, sparse_matmul, to_torch
 from ..knn import cached_mixed_knn_graph, default_modality_weights
@@ -68,26 +68,35 @@ class FREEDOM(Recommender):
     defaults = {
         "embedding_size": 64,
         "lr": 1e-3,
-        "dropout": 0.8,  # fraction of user-item edges pruned each epoch
-        "reg_weight": 1e-4,  # the paper's lambda: weight of the per-modality BPR terms
-        "l2_weight": 0.0,  # optional batch L2 on the ego embeddings (not in the paper)
+        "dropout": 0.8,
+        "reg_weight": 1e-4,
+        "l2_weight": 0.0,
         "knn_k": 10,
         "n_ui_layers": 2,
         "n_mm_layers": 1,
-        "modality_weights": {},  # modality -> alpha_m in the item graph; {} = 0.1 image / 0.9 text, else equal
+        "modality_weights": {},
+    }
+    bounds = {
+        "embedding_size": AT_LEAST_1, "dropout": FRACTION, "reg_weight": AT_LEAST_0, "l2_weight": AT_LEAST_0,
+        "knn_k": AT_LEAST_1, "n_ui_layers": AT_LEAST_0, "n_mm_layers": AT_LEAST_0,
+    }
+    key_help = {
+        "embedding_size": "embedding width",
+        "dropout": "fraction of user-item edges pruned each epoch",
+        "reg_weight": "the paper's lambda: weight of the per-modality BPR terms",
+        "l2_weight": "optional batch L2 on the ego embeddings (not in the paper)",
+        "knn_k": "neighbours per item in the item-item kNN graph (at most the number of items)",
+        "n_ui_layers": "layers over the user-item graph",
+        "n_mm_layers": "layers over the item-item graph",
+        "modality_weights": "modality -> alpha_m in the item graph; {} = 0.1 image / 0.9 text, else equal",
     }
     search_space = {"dropout": [0.8, 0.9], "reg_weight": [0.0, 1e-5, 1e-4, 1e-3]}
 
     @classmethod
     def check(cls, dataset, config):
         super().check(dataset, config)
-        if not 0.0 <= config["dropout"] < 1.0:
-            raise InputError(f"config key 'dropout': the pruned fraction of edges must be in [0, 1), got {config['dropout']}")
-        if not 1 <= config["knn_k"] <= dataset.n_items:
-            raise InputError(f"config key 'knn_k': must be between 1 and the number of items ({dataset.n_items}), got {config['knn_k']}")
-        for key in ("n_ui_layers", "n_mm_layers"):
-            if config[key] < 0:
-                raise InputError(f"config key '{key}': must be >= 0, got {config[key]}")
+        if config["knn_k"] > dataset.n_items:
+            raise InputError(f"config key 'knn_k': must be at most the number of items ({dataset.n_items}), got {config['knn_k']}")
         cls.check_modality_weights(dataset, config)
 
     def __init__(self, dataset, config):

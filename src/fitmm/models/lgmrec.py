@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError
 from ..graphs import normalized_adjacency, sparse_matmul, to_torch
+from ..config import AT_LEAST_0, AT_LEAST_1, Bound, POSITIVE
 from .base import Recommender, bpr_loss, l2_penalty, register
 from .lightgcn import propagate
 from .smore import info_nce
@@ -55,35 +55,39 @@ class LGMRec(Recommender):
     defaults = {
         "embedding_size": 64,
         "lr": 1e-3,
-        "n_ui_layers": 2,  # collaborative local graph layers
-        "n_mm_layers": 2,  # modality local graph layers
-        "hyper_num": 4,  # hyperedges per modality
+        "n_ui_layers": 2,
+        "n_mm_layers": 2,
+        "hyper_num": 4,
         "n_hyper_layers": 1,
-        "keep_rate": 0.5,  # keep probability of the hyperedge-dependency dropout (training only)
-        "gumbel": True,  # Gumbel-softmax over hyperedges in training (plain softmax when false)
-        "alpha": 0.3,  # weight of the global embeddings
+        "keep_rate": 0.5,
+        "gumbel": True,
+        "alpha": 0.3,
         "cl_weight": 1e-4,
         "reg_weight": 1e-6,
         "tau": 0.2,
+    }
+    bounds = {
+        "embedding_size": AT_LEAST_1, "n_ui_layers": AT_LEAST_0, "n_mm_layers": AT_LEAST_0,
+        "hyper_num": AT_LEAST_1, "n_hyper_layers": AT_LEAST_0, "keep_rate": Bound(0, 1, low_open=True),
+        "alpha": AT_LEAST_0, "cl_weight": AT_LEAST_0, "reg_weight": AT_LEAST_0, "tau": POSITIVE,
+    }
+    key_help = {
+        "embedding_size": "embedding width",
+        "n_ui_layers": "collaborative local graph layers",
+        "n_mm_layers": "modality local graph layers",
+        "hyper_num": "hyperedges per modality",
+        "n_hyper_layers": "hypergraph layers",
+        "keep_rate": "keep probability of the hyperedge-dependency dropout (training only)",
+        "gumbel": "Gumbel-softmax over hyperedges in training (plain softmax when false)",
+        "alpha": "weight of the global (hypergraph) embeddings",
+        "cl_weight": "weight of the contrastive term",
+        "reg_weight": "weight of the L2 penalty",
+        "tau": "temperature of the contrastive term",
     }
     search_space = {
         "hyper_num": [4, 8, 16],
         "alpha": [0.2, 0.3, 0.6],
     }
-
-    @classmethod
-    def check(cls, dataset, config):
-        super().check(dataset, config)
-        for key in ("embedding_size", "hyper_num"):
-            if config[key] < 1:
-                raise InputError(f"config key '{key}': must be >= 1, got {config[key]}")
-        for key in ("n_ui_layers", "n_mm_layers", "n_hyper_layers"):
-            if config[key] < 0:
-                raise InputError(f"config key '{key}': must be >= 0, got {config[key]}")
-        if not 0.0 < config["keep_rate"] <= 1.0:
-            raise InputError(f"config key 'keep_rate': must be in (0, 1], got {config['keep_rate']}")
-        if config["tau"] <= 0:
-            raise InputError(f"config key 'tau': must be > 0, got {config['tau']}")
 
     def __init__(self, dataset, config):
         super().__init__(dataset, config)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..graphs import normalized_adjacency, sparse_matmul, to_torch
+from ..config import AT_LEAST_0, AT_LEAST_1
 from .base import Recommender, bpr_loss, l2_penalty, register
 
 
@@ -24,6 +25,12 @@ def propagate(adjacency: torch.Tensor, x: torch.Tensor, n_layers: int) -> list[t
 class LightGCN(Recommender):
     name = "lightgcn"
     defaults = {"embedding_size": 64, "lr": 1e-3, "reg_weight": 1e-4, "n_layers": 3}
+    bounds = {"embedding_size": AT_LEAST_1, "reg_weight": AT_LEAST_0, "n_layers": AT_LEAST_0}
+    key_help = {
+        "embedding_size": "embedding width",
+        "reg_weight": "weight of the batch L2 penalty on the ego embeddings",
+        "n_layers": "propagation layers over the user-item graph (0 = matrix factorisation)",
+    }
 
     def __init__(self, dataset, config):
         super().__init__(dataset, config)

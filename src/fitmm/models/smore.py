@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import cache_dir
+from ..config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, cache_dir
 from ..errors import InputError
 from ..graphs import normalized_adjacency, sparse_matmul, to_torch
 from ..knn import cached_mixed_knn_graph
@@ -142,14 +142,30 @@ class SMORE(Recommender):
     defaults = {
         "embedding_size": 64,
         "lr": 1e-3,
-        "n_ui_layers": 4,  # LightGCN layers over the user-item graph (behaviour view)
-        "n_mm_layers": 1,  # item-item graph layers for the modality and fused views
-        "image_knn_k": 40,  # kNN size of the 'image' modality graph
-        "text_knn_k": 15,  # kNN size of every other modality's graph
+        "n_ui_layers": 4,
+        "n_mm_layers": 1,
+        "image_knn_k": 40,
+        "text_knn_k": 15,
         "reg_weight": 1e-4,
         "dropout": 0.1,
         "cl_weight": 0.01,
         "tau": 0.2,
+    }
+    bounds = {
+        "embedding_size": AT_LEAST_1, "n_ui_layers": AT_LEAST_0, "n_mm_layers": AT_LEAST_0,
+        "image_knn_k": AT_LEAST_1, "text_knn_k": AT_LEAST_1, "reg_weight": AT_LEAST_0, "dropout": FRACTION,
+        "cl_weight": AT_LEAST_0, "tau": POSITIVE,
+    }
+    key_help = {
+        "embedding_size": "embedding width",
+        "n_ui_layers": "LightGCN layers over the user-item graph (behaviour view)",
+        "n_mm_layers": "item-item graph layers for the modality and fused views",
+        "image_knn_k": "kNN size of the 'image' modality graph (at most the number of items)",
+        "text_knn_k": "kNN size of every other modality's graph (at most the number of items)",
+        "reg_weight": "weight of the L2 penalty",
+        "dropout": "dropout of the uni-modal and fused representations (training only)",
+        "cl_weight": "weight of the contrastive term",
+        "tau": "temperature of the contrastive term",
     }
     search_space = {
         "n_ui_layers": [3, 4],
@@ -162,23 +178,13 @@ class SMORE(Recommender):
     @classmethod
     def check(cls, dataset, config):
         super().check(dataset, config)
-        for key in ("embedding_size",):
-            if config[key] < 1:
-                raise InputError(f"config key '{key}': must be >= 1, got {config[key]}")
-        for key in ("n_ui_layers", "n_mm_layers"):
-            if config[key] < 0:
-                raise InputError(f"config key '{key}': must be >= 0, got {config[key]}")
         for name in dataset.modalities:
             key = "image_knn_k" if name == "image" else "text_knn_k"
-            if not 1 <= config[key] <= dataset.n_items:
+            if config[key] > dataset.n_items:
                 raise InputError(
-                    f"config key '{key}' (kNN size of modality '{name}'): must be between 1 and the number "
+                    f"config key '{key}' (kNN size of modality '{name}'): must be at most the number "
                     f"of items ({dataset.n_items}), got {config[key]}"
                 )
-        if not 0.0 <= config["dropout"] < 1.0:
-            raise InputError(f"config key 'dropout': must be in [0, 1), got {config['dropout']}")
-        if config["tau"] <= 0:
-            raise InputError(f"config key 'tau': must be > 0, got {config['tau']}")
 
     def __init__(self, dataset, config):
         super().__init__(dataset, config)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..config import AT_LEAST_0, Bound
 from .base import Recommender, bpr_loss, l2_penalty, register
 
 
@@ -46,6 +47,11 @@ class VBPR(Recommender):
     name = "vbpr"
     needs_features = True
     defaults = {"embedding_size": 64, "lr": 1e-3, "reg_weight": 1e-4}
+    bounds = {"embedding_size": Bound(low=2), "reg_weight": AT_LEAST_0}
+    key_help = {
+        "embedding_size": "width of the ID factors plus the content factors (half each; even)",
+        "reg_weight": "weight of the batch L2 penalty",
+    }
     search_space = {"reg_weight": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
 
     @classmethod

@@ -140,6 +140,14 @@ def existing_file_as_synth_out(tmp, ds, monkeypatch):
     return ["data", "synth", "--out", "{tmp}/taken"]
 
 
+def out_at_a_file(out: str):
+    """A `make` that puts a file at {tmp}/afile and trains into `out`."""
+    def make(tmp, ds, monkeypatch):
+        (tmp / "afile").write_text("x")
+        return ["train", "--model", "bpr", "--data", "{ds}", "--out", out, *small_args()]
+    return make
+
+
 def short_message(err: str) -> None:
     """The 500 x's of the bad field are quoted cut to 80 characters and marked '…'."""
     assert "x" * 60 in err and "x" * 81 not in err and "…" in err, err
@@ -254,6 +262,10 @@ CASES = [
          "cutoff 300 is above the number of items (200)"),
     # -- output folders --------------------------------------------------------------------------------
     Case("data synth --out an existing file", existing_file_as_synth_out, "taken: already exists and is a file"),
+    Case("train --out under a file", out_at_a_file("{tmp}/afile/run"), "afile is a file, not a directory"),
+    Case("train --out an existing file", out_at_a_file("{tmp}/afile"), "afile: exists and is not a directory"),
+    Case("--allow-data-change without --resume", lambda tmp, ds, mp: train("bpr") + ["--allow-data-change"],
+         "--allow-data-change only goes with --resume"),
 ]
 
 

@@ -259,12 +259,6 @@ def test_a_run_from_before_data_records_is_checked_from_now_on(run, capsys):
     assert json.loads((run / "data.json").read_text())["fingerprint"] == summary(run)["data_fingerprint"]
 
 
-def test_allow_data_change_needs_resume(tmp_path, capsys):
-    assert main(["train", "--out", str(tmp_path / "r"), "--allow-data-change"]) == 2
-    assert "--allow-data-change only goes with --resume" in capsys.readouterr().err
-    assert not (tmp_path / "r").exists()
-
-
 # -- 3. one process per run directory --------------------------------------------------------------
 
 
@@ -367,16 +361,6 @@ def test_a_damaged_line_inside_the_log_is_exit_2_naming_it(run, capsys):
     assert main(["train", "--resume", str(run)]) == 2
     assert f"{run / 'log.jsonl'}: line 2 is not an epoch record" in capsys.readouterr().err
     assert snapshot(run) == before
-
-
-def test_out_under_a_file_or_on_a_file_is_exit_2(tmp_path, capsys):
-    afile = tmp_path / "afile"
-    afile.write_text("x")
-    assert main(["train", "--out", str(afile / "run"), *small_args(*RUN)]) == 2
-    assert f"{afile} is a file, not a directory" in capsys.readouterr().err
-    assert main(["train", "--out", str(afile), *small_args(*RUN)]) == 2
-    assert f"{afile}: exists and is not a directory" in capsys.readouterr().err
-    assert afile.read_text() == "x"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -84,7 +84,7 @@ def cmd_train(args) -> int:
             raise InputError(f"{run_dir}: no resumable run here (no config.yaml); pass a run directory "
                              f"written by `fitmm train`")
         saved = read_config_file(run_dir / "config.yaml")
-        config = resolve([(f"{run_dir}/config.yaml", saved), ("--set", overrides)], _model_defaults)
+        config = resolve([(f"{run_dir}/config.yaml", saved), ("--set", overrides)])
         config = data_path(run_dir, config, args.data)
         lock = runio.lock_run_dir(run_dir)  # before the data loads: a second resume learns at once
     else:

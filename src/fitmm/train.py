@@ -34,7 +34,7 @@ from . import runio
 from .config import read_config_file
 from .data.dataset import SPLITS, Dataset
 from .data.sampling import TrainSampler
-from .errors import InputError
+from .errors import InputError, quote
 from .evaluate import evaluate, evaluate_per_user, evaluated_users, summarize
 from .models import model_class
 
@@ -120,7 +120,7 @@ def read_log(path: Path, cut_last_line_ok: bool = False) -> list[dict]:
             if cut_last_line_ok and i == last:
                 break
             raise InputError(
-                f"{path}: line {i + 1} is not an epoch record ({line[:80]!r}); the log is damaged: "
+                f"{path}: line {i + 1} is not an epoch record ({quote(line)}); the log is damaged: "
                 f"restore it, or delete line {i + 1} and the lines after it, then resume"
             ) from None
         records.append(record)

@@ -240,3 +240,18 @@ def test_serve_without_the_extra_says_what_to_install(run, monkeypatch, capsys):
     assert main(["serve", str(run)]) == 2
     assert "fitmm serve needs the optional 'serve' extra (fastapi is not installed): pip install 'fitmm[serve]'" in \
         capsys.readouterr().err
+
+
+def test_vbpr_explains_by_modality_and_adds_items(tmp_path):
+    run = train_tiny(dataset_with_raw_ids(tmp_path / "ds"), tmp_path / "vbpr", "model=vbpr", "epochs=1")
+    rec = fitmm.load(run)
+    e = rec.explain(2, 9)
+    assert set(e) == {"score", "modalities"} and list(e["modalities"]) == ["id", "image", "text"]
+    assert sum(e["modalities"].values()) == pytest.approx(e["score"], rel=1e-9)
+    assert e["score"] == pytest.approx(float(rec.score([2], [9])[0]), rel=1e-5)
+    [new] = rec.add_items({m: f[9:10] for m, f in rec.dataset.features.items()})
+    e_new = rec.explain(2, new)
+    # Same content, no ID factors: the content parts are item 9's, the ID part is zero.
+    assert e_new["modalities"]["id"] == 0.0
+    assert e_new["modalities"]["image"] == pytest.approx(e["modalities"]["image"], rel=1e-5)
+    assert e_new["score"] == pytest.approx(float(rec.score([2], [new])[0]), rel=1e-5, abs=1e-7)

@@ -160,7 +160,7 @@ def test_bad_mapping_file_names_the_line(tmp_path):
     lines = (data / "i_id_mapping.tsv").read_text().splitlines()
     lines[5] = lines[5].replace("B00004", "B00003")
     (data / "i_id_mapping.tsv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(InputError, match=r"i_id_mapping.tsv, line 6: itemID 4 or raw id 'B00003' appears twice"):
+    with pytest.raises(InputError, match=r"i_id_mapping.tsv, line 6: itemID 4 or raw id 'B00003' appears twice; each must appear once"):
         fitmm.load(run)
 
 

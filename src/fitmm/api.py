@@ -64,7 +64,7 @@ def read_id_mapping(path: Path, dense_column: str, n: int) -> tuple[list[str], d
         if not 0 <= dense < n:
             continue  # an id the interactions never use: no embedding, nothing to map
         if raw in dense_of or raw_of[dense] is not None:
-            raise InputError(f"{path}, line {line}: {dense_column} {dense} or raw id {raw!r} appears twice")
+            raise InputError(f"{path}, line {line}: {dense_column} {dense} or raw id {raw!r} appears twice; each must appear once")
         raw_of[dense] = raw
         dense_of[raw] = dense
     return [r if r is not None else "" for r in raw_of], dense_of

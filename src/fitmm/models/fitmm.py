@@ -332,8 +332,8 @@ class FITMM(Recommender):
         if k == 1:
             return links
         for name in self.modalities:
-            catalogue = F.normalize(torch.from_numpy(dataset.features_for_model(name)).double(), dim=1)
-            new = F.normalize(new_features[name].cpu().double(), dim=1)
+            catalogue = F.normalize(torch.from_numpy(dataset.features_for_model(name)), dim=1)
+            new = F.normalize(new_features[name].cpu(), dim=1)
             nearest = (new @ catalogue.T).topk(min(k - 1, self.n_items), dim=1).indices
             links.scatter_add_(1, nearest, torch.full(nearest.shape, weights[name] / k))
         return links

@@ -130,25 +130,61 @@ def result_line(summary: dict, config: dict, run_dir: Path) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    from . import data
+    from .api import load_run
     from .evaluate import evaluate
-    from .train import build_model, check_data, load_weights, pick_device, use_threads
+    from .train import use_threads
 
     run_dir = Path(args.run_dir)
-    for name in ("config.yaml", "best.pt"):
-        if not (run_dir / name).is_file():
-            raise InputError(f"{run_dir}: missing {name}; pass a run directory written by `fitmm train`")
-    config = data_path(run_dir, run_config(run_dir), args.data)
-    use_threads(config)  # as the run was trained
-    dataset = data.load(config)
-    _, change = check_data(run_dir, dataset, args.allow_data_change)
-    device = pick_device(config["device"])
-    model = build_model(config, dataset, device)
-    load_weights(run_dir / "best.pt", model, device, config["model"])
+    if (run_dir / "config.yaml").is_file():
+        use_threads(run_config(run_dir))  # as the run was trained
+    config, dataset, model, change = load_run(run_dir, data=args.data, allow_data_change=args.allow_data_change)
     results = evaluate(model, dataset, ["valid", "test"], config["topk"], config["eval_batch_size"])
     if change:
         results["data_changed"] = change
     print(json.dumps(results, indent=2))
+    return 0
+
+
+def _load_for_answers(run_dir: str):
+    from .api import load
+    from .train import use_threads
+
+    rec = load(run_dir)
+    use_threads(rec.config)  # as the run was trained
+    return rec
+
+
+def cmd_recommend(args) -> int:
+    from .api import UnknownIdError
+
+    rec = _load_for_answers(args.run_dir)
+    user = args.user if args.raw else _dense_id(args.user, "--user")
+    try:
+        items = rec.recommend(user, k=args.k, exclude_seen=not args.include_seen, raw=args.raw)
+    except UnknownIdError as exc:
+        raise InputError(str(exc)) from None
+    if args.json:
+        print(json.dumps({"user": user, "items": [{"item": i, "score": s} for i, s in items]}, indent=2))
+    else:
+        print(f"{'rank':>4}  {'item':>10}  score")
+        for rank, (item, score) in enumerate(items, start=1):
+            print(f"{rank:>4}  {item!s:>10}  {score:.4f}")
+    return 0
+
+
+def _dense_id(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"{flag}: {text!r} is not a dense (integer) id; pass --raw to use the dataset's raw ids") from None
+
+
+def cmd_serve(args) -> int:
+    from .serve import require_serve_extra, run
+
+    require_serve_extra()  # before the model is loaded: a missing extra is known at once
+    rec = _load_for_answers(args.run_dir)
+    run(rec, host=args.host, port=args.port, raw=args.raw)
     return 0
 
 
@@ -271,6 +307,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-data-change", action="store_true",
                    help="evaluate although the data differs from the run's (the output says what changed)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("recommend", help="top-k items for one user from a saved run")
+    p.add_argument("run_dir")
+    p.add_argument("--user", required=True, help="user id (dense; raw with --raw)")
+    p.add_argument("--k", type=int, default=10, help="number of items (default 10)")
+    p.add_argument("--raw", action="store_true", help="raw ids of the dataset's u_id_mapping.tsv / i_id_mapping.tsv")
+    p.add_argument("--include-seen", action="store_true", help="keep the user's training items in the list")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("serve", help="HTTP server for a saved run (needs the 'serve' extra)")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--raw", action="store_true", help="requests and answers use the dataset's raw ids")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="markdown table of finished runs, with mean ± std per model and dataset")
     p.add_argument("run_dirs", nargs="+")

@@ -124,6 +124,24 @@ class Recommender(nn.Module):
     def score(self, user_vectors: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
         return user_vectors @ item_vectors.T
 
+    # -- optional: explanations and cold-start items (used by fitmm.api, never by training) -------
+
+    def explain_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user parts, item parts), one row per user / item: what `explain` needs about each.
+
+        Computed once for all nodes by the API and cached. Default: the embeddings themselves."""
+        return self.embed()
+
+    def explain(self, user_part: torch.Tensor, item_part: torch.Tensor) -> dict[str, Any]:
+        """Why this user gets this item: {"score": s, ...}. Default: the score alone; models with
+        per-band or per-modality parts add them, each group summing to the score."""
+        return {"score": float(self.score(user_part[None].double(), item_part[None].double())[0, 0])}
+
+    def cold_items(self, dataset: Dataset, features: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item vectors, item parts) for new items known only by their content (rows of
+        `features[modality]`, validated by the caller). Models that can score such items override it."""
+        raise NotImplementedError(f"model '{self.name}' cannot score new items from their content")
+
 
 def bpr_loss(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> torch.Tensor:
     """-log sigmoid(pos - neg), averaged over the batch."""

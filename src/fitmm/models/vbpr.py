@@ -74,6 +74,8 @@ class VBPR(Recommender):
         # Data, not parameters: rebuilt from the dataset, so not saved in checkpoints.
         self.register_buffer("features", features, persistent=False)
         self.projection = nn.Linear(features.shape[1], half, bias=False)  # E
+        self.modalities = dataset.modalities
+        self.modality_widths = [f.shape[1] for f in dataset.features.values()]  # f's column blocks
 
     def item_content(self, items: torch.Tensor | None = None) -> torch.Tensor:
         """E f_i for `items` (all items when None)."""
@@ -100,3 +102,34 @@ class VBPR(Recommender):
         users = torch.cat([self.user_id, self.user_content], dim=1)
         items = torch.cat([self.item_id, self.item_content()], dim=1)
         return users, items
+
+    # -- serving: explanations and cold-start items (used by fitmm.api, never by training) -----
+
+    def _content_parts(self, feats: torch.Tensor) -> torch.Tensor:
+        """(n x C x half): E_m f_m per modality m, E_m = E's columns of modality m; they sum to E f."""
+        widths = self.modality_widths
+        w = self.projection.weight  # (half x sum of widths)
+        blocks = zip(feats.split(widths, dim=1), w.split(widths, dim=1))
+        return torch.stack([f @ e.T for f, e in blocks], dim=1)
+
+    @torch.no_grad()
+    def explain_parts(self):
+        """Users: [gamma_u, theta_u] (U x 2 x half); items: [gamma_i, E_1 f_1, ...] (I x (1+C) x half)."""
+        users = torch.stack([self.user_id, self.user_content], dim=1)
+        items = torch.cat([self.item_id[:, None], self._content_parts(self.features)], dim=1)
+        return users, items
+
+    def explain(self, user_part, item_part):
+        """modalities: id = gamma_u . gamma_i; modality m = theta_u . E_m f_m; they sum to the score."""
+        u, i = user_part.double(), item_part.double()
+        parts = [u[0] @ i[0]] + [u[1] @ i[m] for m in range(1, i.shape[0])]
+        names = ["id", *self.modalities]
+        return {"score": float(sum(parts)), "modalities": {n: float(c) for n, c in zip(names, parts)}}
+
+    @torch.no_grad()
+    def cold_items(self, dataset, features):
+        """A new item: no ID factors (zero), its content through E."""
+        feats = torch.cat([torch.as_tensor(features[m], dtype=torch.float32) for m in self.modalities], dim=1)
+        content = self._content_parts(feats.to(self.features.device))
+        parts = torch.cat([content.new_zeros(content.shape[0], 1, content.shape[2]), content], dim=1)
+        return torch.cat([parts[:, 0], parts[:, 1:].sum(1)], dim=1), parts

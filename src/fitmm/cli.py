@@ -234,7 +234,7 @@ def cmd_bench(args) -> int:
     shared = parse_set(args.set or [])
     try:
         result = run_bench(args.out, models, seeds, shared, data=args.data or "synthetic", grid=args.grid,
-                           grid_max=args.grid_max)
+                           grid_max=args.grid_max, search=args.search)
     except KeyboardInterrupt:
         print(f"fitmm: interrupted; finished runs are kept: run the same `fitmm bench` command to continue {args.out}",
               file=sys.stderr)
@@ -357,6 +357,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "the best on validation (keys given with --set are not searched)")
     p.add_argument("--grid-max", type=int, metavar="N", help="with --grid: search at most N points per model "
                    "(its defaults plus a fixed random sample of the rest), for grids too big to train in full")
+    p.add_argument("--search", type=int, metavar="N", help="instead of --grid: tune each model with `fitmm search` "
+                   "(Optuna, N finished trials on validation, the first seed; extra 'search'), then run every seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config key for every model (repeatable)")
     p.add_argument("--out", required=True, help="bench folder; re-run the same command to continue it")
     p.set_defaults(func=cmd_bench)

@@ -393,19 +393,21 @@ def run_search(
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder; choose another --out")
     check_search(search, dataset)
+    shared = open_storage(optuna, storage) if storage else None  # a bad URL: refused before --out is made
     out.mkdir(parents=True, exist_ok=True)
     lock = runio.lock_run_dir(out)
     try:
-        return _run_search(optuna, search, dataset, out, trials, storage, study_name, log, rerun_best)
+        if shared is None:
+            shared = open_storage(optuna, f"sqlite:///{(out / STUDY_FILE).resolve()}")
+        return _run_search(optuna, search, dataset, out, trials, shared, bool(storage), study_name, log, rerun_best)
     finally:
         lock.release()
 
 
-def _run_search(optuna, search, dataset, out, trials, storage, study_name, log, rerun_best):
-    url = storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
+def _run_search(optuna, search, dataset, out, trials, storage, is_shared, study_name, log, rerun_best):
     name = study_name or f"{search.model}-{dataset.name}"
     study = optuna.create_study(
-        storage=open_storage(optuna, url), study_name=name, direction="maximize", load_if_exists=True,
+        storage=storage, study_name=name, direction="maximize", load_if_exists=True,
         pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNE_STARTUP_TRIALS, n_warmup_steps=PRUNE_WARMUP_EPOCHS),
     )
     check_definition(study, search.definition(dataset))
@@ -414,7 +416,7 @@ def _run_search(optuna, search, dataset, out, trials, storage, study_name, log, 
     # Seeded by the trials already there: an uninterrupted search draws the same points every
     # time, and a resumed one does not repeat the draws it made before. Workers sharing a
     # --storage add their pid, or two started together would draw the same points.
-    worker = os.getpid() if storage else 0
+    worker = os.getpid() if is_shared else 0
     study.sampler = optuna.samplers.TPESampler(seed=(search.seed + len(study.trials) + worker) % 2**32)
     metric = search.config({})["valid_metric"]
     if search.pinned:
@@ -578,7 +580,10 @@ def rerun(config: dict[str, Any], dataset, run_dir: Path, log) -> dict[str, Any]
     it is already there with the same configuration, resumed when it was interrupted."""
     import json
 
-    same = (run_dir / "config.yaml").is_file() and read_config_file(run_dir / "config.yaml") == config
+    def numbers(c):  # threads, progress...: a re-run with other values is the same run
+        return {k: v for k, v in c.items() if k not in NOT_IN_DEFINITION}
+
+    same = (run_dir / "config.yaml").is_file() and numbers(read_config_file(run_dir / "config.yaml")) == numbers(config)
     if same and (run_dir / "summary.json").is_file():
         return json.loads((run_dir / "summary.json").read_text())
     resume = same and (run_dir / "last.pt").is_file()

@@ -256,7 +256,7 @@ def test_pruning_reports_the_validation_metric_and_stops_below_the_median():
     ("knn_k: {type: int, low: 5.5, high: 10}\n", "key 'knn_k': 'low' must be an integer"),
     ("gate: {type: categorical, choices: []}\n", "key 'gate': 'choices' must be a non-empty list"),
     ("lr: 0.01\n", "key 'lr': expected a list of values or a mapping"),
-    ("learning_rate: [0.1]\n", "unknown config key 'learning_rate' (search space)"),
+    ("learning_rate: [0.1]\n", "unknown config key 'learning_rate' (search space file "),
     ("hyper_num: [4, 8]\n", "hyper_num is a lgmrec key; fitmm has no such key"),
     ("seed: [1, 2]\n", "'seed' cannot be searched; use --seed"),
     ("num_bands: [0, 3]\n", "key 'num_bands' = 0: config key 'num_bands'"),
@@ -273,7 +273,7 @@ def test_bad_space_file_exits_2_naming_the_key_and_writes_nothing(tmp_path, caps
                  *small_args("epochs=1")])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert message in err and err.startswith("fitmm: error: ")
+    assert message in err and err.startswith("fitmm: error: ") and str(space) in err
     assert not out.exists()
 
 

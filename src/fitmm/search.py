@@ -3,9 +3,9 @@
 A study is a set of trials. Each trial samples a point of the model's search space (TPE,
 seeded), trains it with `train()` into DIR/trials/NNNN (NNNN = the trial's number in the study)
 and scores it by the best validation `valid_metric` (Recall@20 by default). Each validation is
-reported to a median pruner, which stops a trial whose curve falls below the median of earlier
-trials at the same epoch (after PRUNE_STARTUP_TRIALS finished trials and PRUNE_WARMUP_EPOCHS
-epochs). Trials never evaluate test (train(..., evaluate_test=False)): selection is on
+reported to a median pruner, which stops a trial whose best value so far is below the median of
+earlier trials at the same epoch (once PRUNE_STARTUP_TRIALS trials have finished, and not before
+epoch PRUNE_WARMUP_EPOCHS). Trials never evaluate test (train(..., evaluate_test=False)): selection is on
 validation only. At the end the winner is trained once more, into DIR/best, from DIR/best.yaml,
 with test evaluated once on its best validation checkpoint.
 
@@ -51,7 +51,7 @@ from typing import Any, Callable
 import yaml
 
 from . import runio
-from .config import model_keys, read_config_file, resolve
+from .config import model_keys, read_config_file, resolve, unknown_key_message
 from .data import load as load_dataset
 from .errors import InputError, quote
 from .models import model_class
@@ -61,7 +61,7 @@ DEFAULT_TRIALS = 20
 DEFAULT_SEED = 1  # as `fitmm bench`, whose first seed runs the search
 STUDY_FILE = "study.db"
 PRUNE_STARTUP_TRIALS = 5  # finished trials before the median pruner prunes anything
-PRUNE_WARMUP_EPOCHS = 10  # epochs of every trial that are never pruned (models start slowly)
+PRUNE_WARMUP_EPOCHS = 10  # no trial is pruned before this epoch (models start slowly)
 # Keys the search sets itself; --set and the space may not touch them.
 RESERVED = {
     "model": "use --model",
@@ -238,6 +238,7 @@ class Search:
     fixed: dict[str, Any]
     space: dict[str, Param]
     pinned: list[str] = field(default_factory=list)  # space keys fixed by --set instead
+    where: str = "search space"  # where the space comes from, for messages
 
     def layers(self, point: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         return [
@@ -260,8 +261,10 @@ class Search:
         }
 
 
-def plan_search(model: str, data: str, seed: int, fixed: dict[str, Any], space: dict[str, Param] | None = None) -> Search:
-    """The search of `model` (its own search_space unless `space` is given); InputError for bad keys."""
+def plan_search(model: str, data: str, seed: int, fixed: dict[str, Any], space: dict[str, Param] | None = None,
+                where: str = "search space") -> Search:
+    """The search of `model` (its own search_space unless `space`, read from `where`, is given);
+    InputError for bad keys."""
     model_class(model)  # an unknown model: InputError with a suggestion
     for key in fixed:
         if key in RESERVED:
@@ -271,17 +274,15 @@ def plan_search(model: str, data: str, seed: int, fixed: dict[str, Any], space: 
     defaults, _, _ = model_keys(model)
     for key, p in space.items():
         if key in RESERVED:
-            raise InputError(f"search space: '{key}' cannot be searched; {RESERVED[key]}")
+            raise InputError(f"{where}: '{key}' cannot be searched; {RESERVED[key]}")
         if key not in defaults:
-            from .config import unknown_key_message
-
-            raise InputError(unknown_key_message(key, "search space", model, defaults))
+            raise InputError(unknown_key_message(key, where, model, defaults))
         if p.type == "weights" and not isinstance(defaults[key], dict):
-            raise InputError(f"search space: key '{key}': type weights is for modality_weights; '{key}' is not "
+            raise InputError(f"{where}: key '{key}': type weights is for modality_weights; '{key}' is not "
                              f"a modality -> weight mapping")
     pinned = [k for k in space if k in fixed]
     kept = {k: p for k, p in space.items() if k not in fixed}
-    return Search(model, data, seed, dict(fixed), kept, pinned)
+    return Search(model, data, seed, dict(fixed), kept, pinned, where)
 
 
 def check_search(search: Search, dataset) -> None:
@@ -289,11 +290,14 @@ def check_search(search: Search, dataset) -> None:
     (one key at a time, the others at their defaults) is resolved and checked as a run would be."""
     check_run(search.config({}), dataset)
     for key, p in search.space.items():
+        if p.type == "weights" and not dataset.modalities:
+            raise InputError(f"{search.where}: key '{key}': {dataset.source} has no content features to weigh; "
+                             f"leave '{key}' out of the space")
         for value in p.candidates(dataset.modalities):
             try:
                 check_run(search.config({key: value}), dataset)
             except InputError as exc:
-                raise InputError(f"search space of '{search.model}', key '{key}' = {quote(value)}: {exc}") from None
+                raise InputError(f"{search.where} of '{search.model}', key '{key}' = {quote(value)}: {exc}") from None
 
 
 # -- storage and the study ----------------------------------------------------------------------
@@ -332,13 +336,12 @@ def _attrs(trial) -> dict[str, Any]:
     return trial.user_attrs
 
 
-def recover_interrupted(optuna, study, owner: str, log) -> int:
+def recover_interrupted(study, storage, owner: str, log) -> int:
     """Mark this folder's trials still RUNNING as failed (their process is gone: this one holds the
     folder's lock), and queue the parameters of every interrupted trial of this folder that has
     not been re-run yet. Returns the number queued."""
     from optuna.trial import TrialState
 
-    storage = study._storage
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _attrs(t).get("owner") == owner:
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)
@@ -412,7 +415,7 @@ def _run_search(optuna, search, dataset, out, trials, storage, is_shared, study_
     )
     check_definition(study, search.definition(dataset))
     owner = f"{socket.gethostname()}:{out.resolve()}"
-    recover_interrupted(optuna, study, owner, log)
+    recover_interrupted(study, storage, owner, log)
     # Seeded by the trials already there: an uninterrupted search draws the same points every
     # time, and a resumed one does not repeat the draws it made before. Workers sharing a
     # --storage add their pid, or two started together would draw the same points.
@@ -423,8 +426,8 @@ def _run_search(optuna, search, dataset, out, trials, storage, is_shared, study_
         log(f"  pinned by --set, not searched: {', '.join(search.pinned)}")
 
     def objective(trial):
+        trial.set_user_attr("owner", owner)  # first: a kill from here on is found by recover_interrupted
         point = sample(trial, search.space, dataset.modalities)
-        trial.set_user_attr("owner", owner)
         run_dir = out / "trials" / f"{trial.number:04d}"
         trial.set_user_attr("run", str(run_dir))
         same = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -502,8 +505,8 @@ def trials_markdown(rows, best: int, metric: str, search: Search, importances: d
         "",
         f"- data: {search.data}",
         f"- selection: best validation {metric} of each trial (its best epoch); test is never evaluated for a "
-        f"trial. TPE sampler (seed {search.seed}), median pruning after {PRUNE_STARTUP_TRIALS} trials and "
-        f"{PRUNE_WARMUP_EPOCHS} epochs",
+        f"trial. TPE sampler (seed {search.seed}), median pruning once {PRUNE_STARTUP_TRIALS} trials have "
+        f"finished, from epoch {PRUNE_WARMUP_EPOCHS}",
         f"- fixed with --set: {_format_point(search.fixed) if search.fixed else 'none'}",
         f"- best: trial {best} (✓), written to best.yaml",
         "",
@@ -603,7 +606,7 @@ def search_command(model: str, data: str, out: str, trials: int, seed: int, fixe
     space = read_space_file(space_file) if space_file else None
     if data != "synthetic":
         data = str(Path(data).expanduser().resolve())  # stored absolute, like `fitmm train`
-    search = plan_search(model, data, seed, fixed, space)
+    search = plan_search(model, data, seed, fixed, space, f"search space file {space_file}" if space_file else "search space")
     if not search.space:
         raise InputError(f"model '{model}' has nothing to search (an empty search space{', every key pinned by --set' if search.pinned else ''}); "
                          f"give a --space file")

@@ -333,7 +333,8 @@ def train(config: dict[str, Any], dataset: Dataset, run_dir: str | Path, resume:
     `callbacks`: objects with any of `on_evaluation(epoch, results)` (after each validation; may
     raise to stop the run, e.g. optuna.TrialPruned) and `on_epoch_end(epoch, record)` (after the
     epoch's log line). `evaluate_test=False` (hyper-parameter search trials): test is never
-    evaluated, and summary.json's "test" is null. With `resume`, `config` may differ from the saved one in `epochs` (to extend a run) and `data`
+    evaluated, and summary.json's "test" is null.
+    With `resume`, `config` may differ from the saved one in `epochs` (to extend a run) and `data`
     (a moved folder with the same fingerprint); `allow_data_change` accepts different data."""
     run_dir = Path(run_dir)
     own_lock = None

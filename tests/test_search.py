@@ -362,3 +362,16 @@ def test_bench_grid_runs_a_space_of_ranges_at_its_defaults_and_says_so(tmp_path)
     selection = (out / "selection.md").read_text()
     assert "Its search space has ranges (lr, ib_weight, cl_weight, modality_weights)" in selection
     assert "| defaults |" in selection
+
+
+def test_a_point_drawn_again_is_not_trained_again(tmp_path, tiny):
+    out = tmp_path / "search"
+    space = write(tmp_path / "space.yaml", "embedding_size: [16]\n")
+    assert main(["search", "--model", "bpr", "--data", "synthetic", "--out", str(out), "--space", str(space),
+                 "--trials", "2", *tiny]) == 0
+    study = load_study(f"sqlite:///{out / 'study.db'}", "bpr-synthetic")
+    assert states(study) == ["COMPLETE", "COMPLETE"] and study.trials[1].value == study.trials[0].value
+    assert study.trials[1].user_attrs["same_as"] == 0
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["0000"]
+    assert "| 1 | complete |" in (out / "trials.md").read_text() and "same as 0" in (out / "trials.md").read_text()
+    assert "trial 0 of study" in (out / "best.yaml").read_text()

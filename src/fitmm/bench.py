@@ -444,7 +444,7 @@ def search_model(out: Path, plan: ModelPlan, dataset, seeds: list[int], shared: 
     folder = out / "search" / plan.model
     log(f"{plan.model}: search of {trials} trials in {folder.relative_to(out)}")
     result = hpsearch.run_search(plan.search, dataset, folder, trials, log=log, rerun_best=False)
-    complete = [r for r in result["trials"] if r["state"] == "complete"]
+    complete = [r for r in result["trials"] if r["state"] == "complete" and r["same_as"] is None]
     plan.points = [r["point"] for r in complete]
     plan.configs = [model_config(plan.model, shared, point, seeds[0], plan.configs[0]["data"]) for point in plan.points]
     plan.selected = [r["number"] for r in complete].index(result["best"])

@@ -493,7 +493,7 @@ def trial_rows(study, search: Search) -> list[dict[str, Any]]:
             notes.append("interrupted")
         rows.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
                      "point": point_of(t.params, search.space), "epochs": a.get("epochs"),
-                     "run": a.get("run"), "notes": "; ".join(notes)})
+                     "run": a.get("run"), "same_as": a.get("same_as"), "notes": "; ".join(notes)})
     return rows
 
 
@@ -519,8 +519,12 @@ def trials_markdown(rows, best: int, metric: str, search: Search, importances: d
         cells += [_format_value(r["point"][k]) if k in r["point"] else "" for k in keys]
         lines.append("| " + " | ".join(cells + [r["notes"]]) + " |")
     if importances:
-        lines += ["", "## Parameter importance (Optuna's PED-ANOVA, over the finished trials)", "",
-                  "| parameter | importance |", "|---|---|"]
+        complete = sum(r["state"] == "complete" for r in rows)
+        lines += ["", "## Parameter importance (Optuna's PED-ANOVA, over the complete trials)", ""]
+        if complete < 20:  # PED-ANOVA contrasts the top 10% of trials with all of them
+            lines += [f"Only {complete} complete trials: the top 10% that PED-ANOVA contrasts with the rest is "
+                      f"{max(1, complete // 10)} trial(s), so these values say little yet.", ""]
+        lines += ["| parameter | importance |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in importances.items()]
     return "\n".join(lines) + "\n"
 
@@ -563,6 +567,8 @@ def finish_search(optuna, study, search, dataset, out: Path, metric: str, log, r
     except ValueError:
         raise InputError(f"{out}: no trial of study '{study.study_name}' has completed, so there is no best "
                          f"configuration; run with --trials N (N >= 1)") from None
+    if "same_as" in best.user_attrs:  # a repeat of a finite space's point: the trial that trained it
+        best = study.trials[best.user_attrs["same_as"]]
     point = point_of(best.params, search.space)
     config = search.config(point)
     header = (f"# fitmm search: trial {best.number} of study '{study.study_name}', valid {metric} {best.value:.4f}\n"

@@ -457,7 +457,6 @@ def search_model(out: Path, plan: ModelPlan, dataset, seeds: list[int], shared: 
     return [(cell.seed, cell.run_dir, run(cell, "")) for cell in cells]
 
 
-
 def ranges(search_space: dict[str, Any], pinned=()) -> list[str]:
     """The keys of a search space given as ranges (not lists), which a grid cannot enumerate."""
     return [k for k, v in search_space.items() if k not in pinned and not isinstance(v, list)]

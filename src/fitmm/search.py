@@ -5,8 +5,9 @@ seeded), trains it with `train()` into DIR/trials/NNNN (NNNN = the trial's numbe
 and scores it by the best validation `valid_metric` (Recall@20 by default). Each validation is
 reported to a median pruner, which stops a trial whose best value so far is below the median of
 earlier trials at the same epoch (once PRUNE_STARTUP_TRIALS trials have finished, and not before
-epoch PRUNE_WARMUP_EPOCHS). Trials never evaluate test (train(..., evaluate_test=False)): selection is on
-validation only. At the end the winner is trained once more, into DIR/best, from DIR/best.yaml,
+epoch PRUNE_WARMUP_EPOCHS). Trials never evaluate test (train(..., evaluate_test=False)):
+selection is on validation only. A point of a finite space drawn again is not trained again (the
+earlier trial's value stands). At the end the winner is trained once more, into DIR/best, from DIR/best.yaml,
 with test evaluated once on its best validation checkpoint.
 
 Search folder (the command can be re-run to continue it; one process at a time holds it):
@@ -14,8 +15,8 @@ Search folder (the command can be re-run to continue it; one process at a time h
     trials/NNNN/  one `fitmm train` run directory per trial (no test metrics)
     best.yaml     the best trial's whole configuration: `fitmm train --config DIR/best.yaml`
     trials.md     every trial: state, validation metric, epochs, parameters; the importances
-    importance.png  Optuna's parameter-importance plot (matplotlib; PED-ANOVA, Optuna's default
-                  evaluator, which needs no scikit-learn)
+    importance.png  Optuna's parameter-importance plot (matplotlib) by PED-ANOVA, which needs no
+                  scikit-learn (fANOVA and mean-decrease-impurity do)
     best/         the winner re-trained from best.yaml, test evaluated once (summary.json)
 
 `--trials N` is the number of FINISHED (complete or pruned) trials the study should hold: a
@@ -24,7 +25,7 @@ machines running the same command against one --storage stop together at N (each
 before it starts a trial, so two starting at the same instant may finish one more than N).
 A trial that was running when the search was interrupted (Ctrl-C, a kill, a crash of the
 machine) is marked failed, and its parameters are the first trial run when this folder's search
-is resumed: from scratch, as its optimiser was not checkpointed for the study.
+is resumed, as a new trial trained from scratch (its pruning reports start again with it).
 
 The search space is the model's `search_space` (the same attribute `fitmm bench --grid` reads)
 or a --space YAML file; each key is a config key and its value one of:
@@ -142,7 +143,8 @@ def parse_space(raw: Any, where: str) -> dict[str, Param]:
         elif isinstance(spec, dict):
             spec = dict(spec)  # never change the model's own attribute
         if not isinstance(spec, dict):
-            raise bad(f"expected a list of values or a mapping {{type: float|int|categorical|weights, ...}}, got {quote(spec)}")
+            raise bad(f"expected a list of values or a mapping {{type: float|int|categorical|weights, ...}}, "
+                      f"got {quote(spec)}")
         kind = spec.get("type")
         if kind not in TYPES:
             raise bad(f"'type' must be one of {', '.join(TYPES)}, got {quote(kind)}")
@@ -612,10 +614,11 @@ def search_command(model: str, data: str, out: str, trials: int, seed: int, fixe
     space = read_space_file(space_file) if space_file else None
     if data != "synthetic":
         data = str(Path(data).expanduser().resolve())  # stored absolute, like `fitmm train`
-    search = plan_search(model, data, seed, fixed, space, f"search space file {space_file}" if space_file else "search space")
+    where = f"search space file {space_file}" if space_file else "search space"
+    search = plan_search(model, data, seed, fixed, space, where)
     if not search.space:
-        raise InputError(f"model '{model}' has nothing to search (an empty search space{', every key pinned by --set' if search.pinned else ''}); "
-                         f"give a --space file")
+        why = "every key of its search space is fixed with --set" if search.pinned else "an empty search space"
+        raise InputError(f"model '{model}' has nothing to search ({why}); give a --space file")
     dataset = load_dataset(search.config({}))
     return run_search(search, dataset, out, trials, storage, study)
 

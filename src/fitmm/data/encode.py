@@ -134,7 +134,6 @@ class EfficientNetLite0(Encoder):
 
 
 ENCODERS: dict[str, type[Encoder]] = {cls.name: cls for cls in (MiniLM, EfficientNetLite0)}
-DEFAULT_ENCODERS = {"text": MiniLM.name, "image": EfficientNetLite0.name}
 
 
 def encoder_class(name: str, kind: str) -> type[Encoder]:
@@ -197,52 +196,50 @@ def item_rows(table: Table, id_col: str, mapping: dict[str, int] | None) -> tupl
     return dense, used, len(table) - len(used)
 
 
+def _fill(template: str, option: str, table: Table, row: int) -> str:
+    """`template` with {column} replaced by this row's values (missing JSON fields read as '')."""
+    values = {c: ("" if table.values[c][row] is None else table.values[c][row]) for c in table.columns}
+    try:
+        return template.format_map(values)
+    except KeyError as exc:
+        raise InputError(
+            f"{option}: no column {exc.args[0]!r} in {table.path}; the columns are {', '.join(table.columns)}"
+        ) from None
+    except (ValueError, IndexError) as exc:
+        raise InputError(f"{option} {template!r}: {exc}; write columns as {{name}} and braces as {{{{ }}}}") from None
+
+
 def text_getter(table: Table, text_cols: str | None, template: str | None):
-    """row -> the text to encode, from --text-cols (joined as 'c1. c2') or --text-template."""
+    """row -> the text to encode, from --text-template or --text-cols (non-empty values joined as 'c1. c2')."""
     if template:
-        def text(row: int) -> str:
-            values = {c: ("" if table.values[c][row] is None else table.values[c][row]) for c in table.columns}
-            try:
-                return template.format_map(values)
-            except KeyError as exc:
-                raise InputError(
-                    f"--text-template: no column {exc.args[0]!r} in {table.path}; the columns are {', '.join(table.columns)}"
-                ) from None
-            except (ValueError, IndexError) as exc:
-                raise InputError(f"--text-template {template!r}: {exc}; write columns as {{name}} and braces as {{{{ }}}}") from None
-        return text
+        return lambda row: _fill(template, "--text-template", table, row)
     cols = [c.strip() for c in text_cols.split(",") if c.strip()]
     missing = [c for c in cols if c not in table.values]
     if missing or not cols:
         named = ", ".join(map(repr, missing)) if missing else repr(text_cols)
         raise InputError(f"--text-cols: no column {named} in {table.path}; the columns are {', '.join(table.columns)}")
-    return lambda row: ". ".join(str(v).strip() for c in cols if (v := table.values[c][row]) not in (None, "") and str(v).strip())
+
+    def text(row: int) -> str:
+        values = (table.values[c][row] for c in cols)
+        return ". ".join(str(v).strip() for v in values if v is not None and str(v).strip())
+    return text
 
 
 def image_getter(table: Table, image_col: str | None, template: str | None):
-    """row -> the image file (relative paths are relative to the table's folder)."""
+    """row -> the image file from --image-col or --image-path (relative paths: from the table's folder)."""
     if image_col and image_col not in table.values:
         raise InputError(f"--image-col: no column {image_col!r} in {table.path}; the columns are {', '.join(table.columns)}")
-    base = table.path.parent
 
     def path(row: int) -> Path | None:
         if image_col:
             value = table.values[image_col][row]
             value = "" if value is None else str(value).strip()
         else:
-            values = {c: ("" if table.values[c][row] is None else table.values[c][row]) for c in table.columns}
-            try:
-                value = template.format_map(values)
-            except KeyError as exc:
-                raise InputError(
-                    f"--image-path: no column {exc.args[0]!r} in {table.path}; the columns are {', '.join(table.columns)}"
-                ) from None
-            except (ValueError, IndexError) as exc:
-                raise InputError(f"--image-path {template!r}: {exc}; write columns as {{name}}") from None
+            value = _fill(template, "--image-path", table, row)
         if not value:
             return None
         p = Path(value).expanduser()
-        return p if p.is_absolute() else base / p
+        return p if p.is_absolute() else table.path.parent / p
     return path
 
 
@@ -297,15 +294,15 @@ def encode_images(encoder: Encoder, paths: list, batch_size: int, progress: bool
     return out, problems
 
 
-def fill_missing(features: np.ndarray, missing: np.ndarray, what: str, reasons: dict[int, str]) -> None:
-    """Missing rows get the mean of the others; one warning names the first few."""
+def fill_missing(features: np.ndarray, missing: np.ndarray, what: str, reasons: dict[int, str], names) -> None:
+    """Missing rows get the mean of the others; one warning names the first few (`names(dense id)`)."""
     if missing.all():
         raise InputError(f"no item has {what}; check the table, --id-col and the {what} options")
     if not missing.any():
         return
     features[missing] = features[~missing].mean(axis=0)
     rows = np.flatnonzero(missing)
-    shown = ", ".join(f"itemID {r}" + (f" ({reasons[r]})" if reasons.get(r) else "") for r in rows[:5])
+    shown = ", ".join(f"{names(r)} ({reasons[r]})" for r in rows[:5])
     more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
     print(f"fitmm: warning: {len(rows):,} of {len(features):,} items have no {what}: {shown}{more}; "
           f"they get the mean {what} feature", file=sys.stderr)
@@ -357,7 +354,7 @@ def encode(
     mapping = None
     if data is not None:
         data = Path(data)
-        mapping, _ = read_id_mapping(data)
+        mapping, raw_col = read_id_mapping(data)
         n_items = load_mmrec(data).n_items
         if len(mapping) != n_items or set(mapping.values()) != set(range(n_items)):
             raise InputError(f"{data}/i_id_mapping.tsv: maps {len(mapping)} items, but the dataset has {n_items}; "
@@ -367,6 +364,11 @@ def encode(
         n_items = int(dense.max()) + 1 if len(used) else 0
     if len(used) == 0:
         raise InputError(f"{table.path}: no row names an item of the dataset (column {id_col}); check --id-col and --data")
+    raw_of = {item: raw for raw, item in mapping.items()} if mapping is not None else {}
+
+    def name_of(item: int) -> str:  # for warnings
+        return f"itemID {item}" + (f" = {raw_col} {raw_of[item]}" if item in raw_of else "")
+
     row_of = np.full(n_items, -1, dtype=np.int64)
     row_of[dense[used]] = used
     inputs = {}
@@ -391,7 +393,7 @@ def encode(
             features, problems = encode_images(encoder, inputs["image"], batch_size, progress)
             missing = np.array([bool(p) for p in problems])
             reasons = {k: ("not in the table" if row_of[k] < 0 else p) for k, p in enumerate(problems) if p}
-        fill_missing(features, missing, kind, reasons)
+        fill_missing(features, missing, kind, reasons, name_of)
         results[kind] = features
         notes.append((kind, cls, int(missing.sum())))
 

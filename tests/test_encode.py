@@ -42,7 +42,6 @@ def items_table(tmp_path):
      "items.tsv, line 2, column title: 'A' is not a dense item id (0, 1, 2, ...); for raw ids pass --data"),
     (["--text-cols", "title", "--text-encoder", "bert"], "--text-encoder 'bert': unknown text encoder; choose from all-MiniLM-L6-v2"),
     (["--image-col", "poster", "--image-encoder", "all-MiniLM-L6-v2"], "unknown image encoder; choose from efficientnet-lite0"),
-    (["--text-cols", "title", "--data", "nowhere"], "i_id_mapping.tsv: not found; --data must be a folder written by `fitmm data convert`"),
 ])
 def test_bad_input_exits_2_before_loading_a_model(items_table, tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setattr(E.Encoder, "__init__", lambda *a, **k: pytest.fail("an encoder was built"))
@@ -50,6 +49,13 @@ def test_bad_input_exits_2_before_loading_a_model(items_table, tmp_path, capsys,
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "feat").exists()
+
+
+def test_data_folder_without_an_id_mapping(items_table, dataset_dir, tmp_path, capsys):
+    code = main(["data", "encode", str(items_table), "--text-cols", "title", "--data", str(dataset_dir),
+                 "--out", str(tmp_path / "feat")])
+    assert code == 2
+    assert "i_id_mapping.tsv: not found; --data must be a folder written by `fitmm data convert`" in capsys.readouterr().err
 
 
 def test_duplicate_item_rows_are_named(tmp_path, capsys):

@@ -15,12 +15,13 @@ import csv
 import json
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, quote
 from .dataset import Dataset, interaction_matrix
 from .mmrec import load_mmrec, write_mmrec
 
@@ -137,13 +138,13 @@ def _read_delimited(path: Path, text: str, sep: str | None, columns: list[str] |
         if len(header) == 1:
             shown = "TAB" if sep == "\t" else repr(sep)
             raise InputError(
-                f"{path}, line 1: the header has a single column {header[0]!r} when split at {shown}; "
+                f"{path}, line 1: the header has a single column {quote(header[0])} when split at {shown}; "
                 f"pass the file's separator with --sep (e.g. --sep ',' or --sep '\\t'), "
                 f"or --columns user,item,... if the file has no header"
             )
-    duplicated = sorted({name for name in header if header.count(name) > 1})
+    duplicated = sorted(name for name, count in Counter(header).items() if count > 1)
     if duplicated:
-        raise InputError(f"{path}: column name(s) {', '.join(duplicated)} appear twice; give every column its own name")
+        raise InputError(f"{path}: column name(s) {quote(', '.join(duplicated))} appear twice; give every column its own name")
     table = Table(path, header, {name: [] for name in header})
     cells = [table.values[name] for name in header]
     width = len(header)
@@ -151,12 +152,18 @@ def _read_delimited(path: Path, text: str, sep: str | None, columns: list[str] |
         if len(row) < width:
             raise InputError(
                 f"{path}, line {number}: {len(row)} field(s), but there are {width} columns "
-                f"({', '.join(header)}); fix the line, or check --sep and --columns"
+                f"({column_list(table)}); fix the line, or check --sep and --columns"
             )
         for out, value in zip(cells, row):
             out.append(value.strip())
         table.lines.append(number)
     return table
+
+
+def column_list(table: Table, limit: int = 200) -> str:
+    """The table's column names for a message, cut at `limit` characters (a header may be huge)."""
+    text = ", ".join(table.columns)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def numbers(table: Table, column: str, what: str) -> np.ndarray:
@@ -174,7 +181,7 @@ def numbers(table: Table, column: str, what: str) -> np.ndarray:
         except (ValueError, TypeError):
             ok = False
         if not ok:
-            raise InputError(f"{table.path}, line {table.lines[row]}, column {column}: {value!r} is not a number; {what}")
+            raise InputError(f"{table.path}, line {table.lines[row]}, column {column}: {quote(value)} is not a number; {what}")
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -183,18 +190,17 @@ def ids(table: Table, column: str) -> np.ndarray:
     out = np.array(["" if v is None else str(v).strip() for v in table.column(column)], dtype=object)
     for row, value in enumerate(out):
         if not value or "\t" in value or "\n" in value or "\r" in value:
-            problem = "empty id; every row needs one" if not value else f"id {value!r} holds a TAB or line break; remove it"
+            problem = "empty id; every row needs one" if not value else f"id {quote(value)} holds a TAB or line break; remove it"
             raise InputError(f"{table.path}, line {table.lines[row]}, column {column}: {problem}")
     return out
 
 
 def raw_id_order(vocab: np.ndarray) -> np.ndarray:
-    """Sorted raw ids: numerically when every id is an integer (so '2' comes before '10'), else as text."""
-    try:
-        as_int = np.array([int(v) for v in vocab], dtype=object)
-    except ValueError:
-        return np.sort(vocab)
-    return vocab[np.array(sorted(range(len(vocab)), key=lambda k: (as_int[k], vocab[k])), dtype=np.int64)]
+    """Sorted raw ids: as numbers when every id is written with the digits 0-9 only (so '2' comes
+    before '10'; '02' after '2'), else as text."""
+    if all(v.isascii() and v.isdigit() for v in vocab):
+        return np.array(sorted(vocab, key=lambda v: (int(v), v)), dtype=object)
+    return np.sort(vocab)
 
 
 def find_column(table: Table, role: str, given: str | None, needed_for: str) -> str | None:
@@ -202,7 +208,7 @@ def find_column(table: Table, role: str, given: str | None, needed_for: str) -> 
     flag = "--time-col" if role == "timestamp" else f"--{role}-col"
     if given:
         if given not in table.values:
-            raise InputError(f"{table.path}: no column {given!r} ({flag}); the columns are {', '.join(table.columns)}")
+            raise InputError(f"{table.path}: no column {given!r} ({flag}); the columns are {column_list(table)}")
         return given
     lowered = {name.lower(): name for name in table.columns}
     for alias in ALIASES[role]:
@@ -210,7 +216,7 @@ def find_column(table: Table, role: str, given: str | None, needed_for: str) -> 
             return lowered[alias]
     if needed_for:
         raise InputError(
-            f"{table.path}: no {role} column among {', '.join(table.columns)}; {needed_for}: name it with {flag} NAME, "
+            f"{table.path}: no {role} column among {column_list(table)}; {needed_for}: name it with {flag} NAME, "
             f"or, for a file without a header, list the columns in order with --columns user,item[,rating][,timestamp]"
         )
     return None
@@ -376,10 +382,12 @@ def _raw_header(column: str, dense_name: str) -> str:
 
 
 def write_id_mapping(path: Path, dense_name: str, raw_name: str, raw_ids: np.ndarray) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        handle.write(f"{dense_name}\t{raw_name}\n")
-        for dense, raw in enumerate(raw_ids):
-            handle.write(f"{dense}\t{raw}\n")
+    """`dense id<TAB>raw id` rows under a header, as the shipped ml100k_mm mappings; written with
+    the csv module, as `api.read_id_mapping` reads them (a raw id with quotes round-trips)."""
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow([dense_name, raw_name])
+        writer.writerows(enumerate(raw_ids))
 
 
 def _write_atomically(out: Path, dataset: Dataset, mappings: list) -> dict:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from .convert import Table, read_table
+from ..errors import InputError, quote
+from .convert import Table, column_list, read_table
 from .mmrec import load_mmrec
 
 INSTALL_HINT = "pip install -e .[encode]  (from a checkout; or: pip install 'fitmm[encode]')"
@@ -174,52 +174,47 @@ def encoder_class(name: str, kind: str) -> type[Encoder]:
     return cls
 
 
-def read_id_mapping(data: Path) -> tuple[dict[str, int], str]:
-    """{raw id: dense id} from a dataset folder's i_id_mapping.tsv (dense id first, raw id second)."""
+def read_item_mapping(data: Path) -> tuple[dict[str, int], int]:
+    """({raw id: dense id}, number of items) of a dataset folder written by `fitmm data convert`."""
+    from ..api import read_id_mapping
+
+    n_items = load_mmrec(data).n_items
     path = data / "i_id_mapping.tsv"
-    if not path.is_file():
+    found = read_id_mapping(path, "itemID", n_items)
+    if found is None:
         raise InputError(
             f"{path}: not found; --data must be a folder written by `fitmm data convert` (it writes the raw -> dense "
             f"item id mapping), or leave out --data when --id-col holds dense item ids"
         )
-    table = read_table(path, "\t")
-    if len(table.columns) < 2:
-        raise InputError(f"{path}: expected two columns, the dense item id then the raw item id")
-    dense_col, raw_col = table.columns[:2]
-    mapping: dict[str, int] = {}
-    for line, dense, raw in zip(table.lines, table.column(dense_col), table.column(raw_col)):
-        try:
-            mapping[raw] = int(dense)
-        except ValueError:
-            raise InputError(f"{path}, line {line}, column {dense_col}: {dense!r} is not a dense item id") from None
-    return mapping, raw_col
+    mapping = found[1]
+    if len(mapping) != n_items:
+        raise InputError(f"{path}: maps {len(mapping)} of the dataset's {n_items} items; "
+                         f"it must come from the same `fitmm data convert` run as the .inter file")
+    return mapping, n_items
 
 
 def item_rows(table: Table, id_col: str, mapping: dict[str, int] | None) -> tuple[np.ndarray, np.ndarray, int]:
     """(dense id per table row or -1 when not in the dataset, table rows to use, how many were skipped)."""
     if id_col not in table.values:
-        raise InputError(f"{table.path}: no column {id_col!r} (--id-col); the columns are {', '.join(table.columns)}")
+        raise InputError(f"{table.path}: no column {id_col!r} (--id-col); the columns are {column_list(table)}")
     dense = np.full(len(table), -1, dtype=np.int64)
     for row, value in enumerate(table.column(id_col)):
         text = "" if value is None else str(value).strip()
         if mapping is not None:
             dense[row] = mapping.get(text, -1)
             continue
-        try:
-            dense[row] = int(text)
-        except ValueError:
-            dense[row] = -1
-        if dense[row] < 0:
+        if not (text.isascii() and text.isdigit()):
             raise InputError(
-                f"{table.path}, line {table.lines[row]}, column {id_col}: {value!r} is not a dense item id "
+                f"{table.path}, line {table.lines[row]}, column {id_col}: {quote(value)} is not a dense item id "
                 f"(0, 1, 2, ...); for raw ids pass --data DATASET_DIR to map them through its i_id_mapping.tsv"
             )
+        dense[row] = int(text)
     used = np.flatnonzero(dense >= 0)
     seen: dict[int, int] = {}
     for row in used:
         if dense[row] in seen:
             raise InputError(
-                f"{table.path}, line {table.lines[row]}: item {table.column(id_col)[row]!r} also appears on line "
+                f"{table.path}, line {table.lines[row]}: item {quote(table.column(id_col)[row])} also appears on line "
                 f"{table.lines[seen[dense[row]]]}; keep one row per item"
             )
         seen[dense[row]] = row
@@ -233,7 +228,7 @@ def _fill(template: str, option: str, table: Table, row: int) -> str:
         return template.format_map(values)
     except KeyError as exc:
         raise InputError(
-            f"{option}: no column {exc.args[0]!r} in {table.path}; the columns are {', '.join(table.columns)}"
+            f"{option}: no column {exc.args[0]!r} in {table.path}; the columns are {column_list(table)}"
         ) from None
     except (ValueError, IndexError) as exc:
         raise InputError(f"{option} {template!r}: {exc}; write columns as {{name}} and braces as {{{{ }}}}") from None
@@ -247,7 +242,7 @@ def text_getter(table: Table, text_cols: str | None, template: str | None):
     missing = [c for c in cols if c not in table.values]
     if missing or not cols:
         named = ", ".join(map(repr, missing)) if missing else repr(text_cols)
-        raise InputError(f"--text-cols: no column {named} in {table.path}; the columns are {', '.join(table.columns)}")
+        raise InputError(f"--text-cols: no column {named} in {table.path}; the columns are {column_list(table)}")
 
     def text(row: int) -> str:
         values = (table.values[c][row] for c in cols)
@@ -258,7 +253,7 @@ def text_getter(table: Table, text_cols: str | None, template: str | None):
 def image_getter(table: Table, image_col: str | None, template: str | None):
     """row -> the image file from --image-col or --image-path (relative paths: from the table's folder)."""
     if image_col and image_col not in table.values:
-        raise InputError(f"--image-col: no column {image_col!r} in {table.path}; the columns are {', '.join(table.columns)}")
+        raise InputError(f"--image-col: no column {image_col!r} in {table.path}; the columns are {column_list(table)}")
 
     def path(row: int) -> Path | None:
         if image_col:
@@ -383,12 +378,7 @@ def encode(
     table = read_table(items, sep)
     mapping = None
     if data is not None:
-        data = Path(data)
-        mapping, raw_col = read_id_mapping(data)
-        n_items = load_mmrec(data).n_items
-        if len(mapping) != n_items or set(mapping.values()) != set(range(n_items)):
-            raise InputError(f"{data}/i_id_mapping.tsv: maps {len(mapping)} items, but the dataset has {n_items}; "
-                             f"it must come from the same `fitmm data convert` run")
+        mapping, n_items = read_item_mapping(Path(data))
     dense, used, skipped = item_rows(table, id_col, mapping)
     if data is None:
         n_items = int(dense.max()) + 1 if len(used) else 0
@@ -397,7 +387,7 @@ def encode(
     raw_of = {item: raw for raw, item in mapping.items()} if mapping is not None else {}
 
     def name_of(item: int) -> str:  # for warnings
-        return f"itemID {item}" + (f" = {raw_col} {raw_of[item]}" if item in raw_of else "")
+        return f"itemID {item}" + (f" = raw id {raw_of[item]}" if item in raw_of else "")
 
     row_of = np.full(n_items, -1, dtype=np.int64)
     row_of[dense[used]] = used

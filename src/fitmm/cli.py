@@ -416,7 +416,7 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--device", default="cpu", help="torch device for the encoders (default cpu)")
     q.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
-                   help="bfloat16: faster on CPUs with bfloat16 units, rows within cosine ~0.999 of float32")
+                   help="bfloat16: faster on CPUs with bfloat16 units; rows within cosine 0.9999 (text) and 0.997 (images) of float32")
     q.set_defaults(func=cmd_data_encode)
     return parser
 

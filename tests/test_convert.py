@@ -163,6 +163,8 @@ def test_explicit_columns_of_a_header_file(tmp_path, capsys):
      "log.csv: no row has rating >= 4.0 (--min-rating); lower --min-rating"),
     (["user;item", "a;x"], [], "log.csv, line 1: the header has a single column 'user;item' when split at ','"),
     (["user,item", "a,"], [], "log.csv, line 2, column item: empty id; every row needs one"),
+    (["user,item", "a,x"], ["--columns", "user,item"],
+     "log.csv, line 1: a header row (user, item) although --columns says the file has none; leave out --columns"),
 ])
 def test_bad_input_exits_2_naming_the_cause_and_writes_nothing(tmp_path, capsys, lines, args, message):
     log = write(tmp_path / "log.csv", lines)

@@ -149,6 +149,11 @@ def _read_delimited(path: Path, text: str, sep: str | None, columns: list[str] |
     cells = [table.values[name] for name in header]
     width = len(header)
     for number, row in numbered:
+        if columns and not table.lines and [f.strip() for f in row[:width]] == header:
+            raise InputError(
+                f"{path}, line {number}: a header row ({column_list(table)}) although --columns says the file has "
+                f"none; leave out --columns (name columns with --user-col etc. if needed)"
+            )
         if len(row) < width:
             raise InputError(
                 f"{path}, line {number}: {len(row)} field(s), but there are {width} columns "

@@ -338,14 +338,15 @@ def _attrs(trial) -> dict[str, Any]:
     return trial.user_attrs
 
 
-def recover_interrupted(study, storage, owner: str, log) -> int:
+def recover_interrupted(study, storage, owner: str, is_shared: bool, log) -> int:
     """Mark this folder's trials still RUNNING as failed (their process is gone: this one holds the
-    folder's lock), and queue the parameters of every interrupted trial of this folder that has
-    not been re-run yet. Returns the number queued."""
+    folder's lock; in the folder's own study.db every trial is this folder's), and queue the
+    parameters of every interrupted trial of this folder that has not been re-run yet. Returns the
+    number queued."""
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _attrs(t).get("owner") == owner:
+        if _attrs(t).get("owner", None if is_shared else owner) == owner:
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
@@ -353,7 +354,8 @@ def recover_interrupted(study, storage, owner: str, log) -> int:
     queued = 0
     for t in trials:
         a = _attrs(t)
-        if t.state == TrialState.FAIL and a.get("interrupted") and a.get("owner") == owner and t.number not in retried:
+        mine = a.get("owner", None if is_shared else owner) == owner
+        if t.state == TrialState.FAIL and a.get("interrupted") and mine and t.number not in retried:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
             queued += 1
             log(f"  trial {t.number} was interrupted: its parameters run again first")
@@ -417,7 +419,7 @@ def _run_search(optuna, search, dataset, out, trials, storage, is_shared, study_
     )
     check_definition(study, search.definition(dataset))
     owner = f"{socket.gethostname()}:{out.resolve()}"
-    recover_interrupted(study, storage, owner, log)
+    recover_interrupted(study, storage, owner, is_shared, log)
     # Seeded by the trials already there: an uninterrupted search draws the same points every
     # time, and a resumed one does not repeat the draws it made before. Workers sharing a
     # --storage add their pid, or two started together would draw the same points.

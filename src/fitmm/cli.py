@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -70,13 +71,48 @@ def data_path(run_dir: Path, config: dict, new_path: str | None) -> dict:
     return config
 
 
+def launch_processes(args) -> int:
+    """`fitmm train --nproc N ...`: the same command in N processes through torchrun's own launcher
+    (standalone rendezvous on this machine); returns the exit code of the first rank that failed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from .distributed import env_world_size
+
+    if env_world_size() > 1:
+        raise InputError("--nproc: this process already runs under torchrun; drop --nproc (torchrun's "
+                         "--nproc_per_node sets the number of processes)")
+    if args.nproc < 1:
+        raise InputError(f"--nproc: must be at least 1, got {args.nproc}")
+    argv, rest = [], list(args.argv)
+    while rest:  # the same command line, less --nproc
+        token = rest.pop(0)
+        if token == "--nproc":
+            rest.pop(0)
+        elif not token.startswith("--nproc="):
+            argv.append(token)
+    # torchrun would give each process 1 thread (and say so); a fair share of the cores instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={args.nproc}", "-m", "fitmm", *argv]))
+    except ChildFailedError as exc:
+        return exc.get_first_failure()[1].exitcode or 1
+    return 0
+
+
 def cmd_train(args) -> int:
     import shutil
 
-    from . import data, runio
+    from . import data, distributed, runio
     from .train import check_run, train
 
-    lock, created = None, False
+    if args.nproc is not None and args.nproc != 1:
+        return launch_processes(args)
+    if args.track:
+        from .tracking import require_mlflow
+
+        require_mlflow()  # a missing extra is known before anything loads
+    lock, created, callbacks = None, False, []
     if args.resume:
         run_dir = Path(args.resume)
         overrides = resume_overrides(args)
@@ -86,7 +122,9 @@ def cmd_train(args) -> int:
         saved = read_config_file(run_dir / "config.yaml")
         config = resolve([(f"{run_dir}/config.yaml", saved), ("--set", overrides)])
         config = data_path(run_dir, config, args.data)
-        lock = runio.lock_run_dir(run_dir)  # before the data loads: a second resume learns at once
+        context = distributed.setup(config["device"])  # under torchrun: join the other ranks
+        if context.main:  # only the main rank holds the run directory
+            lock = runio.lock_run_dir(run_dir)  # before the data loads: a second resume learns at once
     else:
         if args.allow_data_change:
             raise InputError("--allow-data-change only goes with --resume (or fitmm evaluate)")
@@ -95,25 +133,35 @@ def cmd_train(args) -> int:
         run_dir = Path(args.out)
         runio.check_new_run_dir(run_dir)  # cheap: before the data loads
         config = build_config(args)
+        context = distributed.setup(config["device"])
     try:
         dataset = data.load(config)
         check_run(config, dataset)  # all validation happens before the run directory is created
         dataset.lend_features = True  # one run, one model: it may fine-tune the features without a copy
-        if lock is None:
+        context.barrier()  # every rank has checked the new run directory before the main rank creates it
+        if lock is None and context.main:
             lock = runio.create_run_dir(run_dir)
             created = True
+        if args.track and context.main:
+            from .tracking import MlflowTracker
+
+            callbacks.append(MlflowTracker(config, run_dir, resume=bool(args.resume)))
         summary = train(config, dataset, run_dir, resume=bool(args.resume), lock=lock,
-                        allow_data_change=args.allow_data_change)
+                        allow_data_change=args.allow_data_change, callbacks=callbacks)
     except BaseException:
         # A run that failed (or was interrupted) before its first checkpoint holds nothing of value
         # and could not be resumed: remove it, so the same command can simply be run again.
         if created and not (run_dir / "last.pt").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
+        for callback in callbacks:  # a tracked run that failed is marked so in MLflow
+            callback.close("FAILED")
         raise
     finally:
         if lock is not None:
             lock.release()
-    print(json.dumps(summary, indent=2) if args.json else result_line(summary, config, run_dir))
+        distributed.teardown()
+    if context.main:
+        print(json.dumps(summary, indent=2) if args.json else result_line(summary, config, run_dir))
     return 0
 
 
@@ -299,6 +347,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-data-change", action="store_true",
                    help="with --resume: go on although the data differs from the run's (recorded in summary.json)")
     p.add_argument("--json", action="store_true", help="print the whole summary as JSON instead of one line")
+    p.add_argument("--nproc", type=int, metavar="N", help="train in N processes (data-parallel, through "
+                   "torchrun's launcher on this machine; each takes batch_size rows of every N x batch_size "
+                   "batch); same as `torchrun --standalone --nproc_per_node=N -m fitmm train ...`")
+    p.add_argument("--track", choices=["mlflow"], help="log params, per-epoch metrics and the run's files to "
+                   "MLflow (extra 'track'; where: --set tracking_uri=..., default ./mlruns)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="re-evaluate a saved run's best checkpoint on validation and test")
@@ -364,6 +417,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` relaunches the same command
     if getattr(args, "path", None) is not None:
         args.data = args.path
     if getattr(args, "func", None) in (cmd_train, cmd_evaluate, cmd_bench):

@@ -124,7 +124,8 @@ class Context:
 
     def wrap(self, model: nn.Module):
         """batch -> (loss, parts): model.loss itself for one process; under DDP a call through
-        DistributedDataParallel, whose backward averages the gradients over the ranks."""
+        DistributedDataParallel, whose backward averages the gradients over the ranks. Hold the
+        returned object as long as training runs (DDP's backward needs it alive)."""
         if self.world_size == 1:
             return model.loss
         device_ids = [model_device(model)] if model_device(model).type == "cuda" else None

@@ -308,7 +308,7 @@ def train_step(model, batch, optimizer, loss_fn=None):
 def run_epoch(model, sampler: TrainSampler, optimizer, epoch: int, batch_size: int, device,
               context: distributed.Context = distributed.Context(), loss_fn=None) -> dict[str, float]:
     """One pass over the training interactions (this rank's slices of them); returns the mean
-    loss and loss parts (averaged over the ranks)."""
+    loss and loss parts (averaged over the ranks) and the number of steps."""
     model.train()
     model.start_epoch(epoch, sampler.rng)
     totals: dict[str, float] = {}
@@ -320,7 +320,9 @@ def run_epoch(model, sampler: TrainSampler, optimizer, epoch: int, batch_size: i
             totals[name] = totals.get(name, 0.0) + value
         n_batches += 1
     optimizer.zero_grad(set_to_none=True)
-    return context.mean({k: v / max(1, n_batches) for k, v in totals.items()})
+    # "steps": optimiser steps this process took (under torchrun, world_size x fewer than one
+    # process with the same batch_size would take).
+    return {**context.mean({k: v / max(1, n_batches) for k, v in totals.items()}), "steps": n_batches}
 
 
 def make_optimizer(model, config):

@@ -210,8 +210,9 @@ def make_cell(out: Path, plan: ModelPlan, index: int, seed: int, shared: dict[st
     return Cell(plan.model, plan.points[index], seed, config, overrides, cell_dir(out, plan.model, overrides, seed))
 
 
-def run_cell(cell: Cell, dataset, log: Callable[[str], None] = _log) -> dict[str, Any]:
-    """The cell's summary: read when the run finished earlier, otherwise trained (or resumed)."""
+def run_cell(cell: Cell, dataset, log: Callable[[str], None] = _log, callbacks: Callable | None = None) -> dict[str, Any]:
+    """The cell's summary: read when the run finished earlier, otherwise trained (or resumed).
+    `callbacks(config, run_dir, resume)`: the trainer callbacks of a run it trains (tracking)."""
     run_dir = cell.run_dir
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
@@ -224,7 +225,8 @@ def run_cell(cell: Cell, dataset, log: Callable[[str], None] = _log) -> dict[str
         log("  removing an unfinished start (no last.pt) and starting again")
         shutil.rmtree(run_dir)
     runio.write_json(run_dir / "overrides.json", cell.overrides)
-    return train(cell.config, dataset, run_dir, resume=resume)
+    return train(cell.config, dataset, run_dir, resume=resume,
+                 callbacks=callbacks(cell.config, run_dir, resume) if callbacks else ())
 
 
 def select_best(scores: list[float]) -> int:
@@ -444,8 +446,10 @@ def run_bench(
     grid: bool = False,
     log: Callable[[str], None] = _log,
     grid_max: int | None = None,
+    callbacks: Callable | None = None,
 ) -> dict[str, Any]:
-    """Run (or continue) a bench in `out`; returns {"rows": per-model results, "table": results.md}."""
+    """Run (or continue) a bench in `out`; returns {"rows": per-model results, "table": results.md}.
+    `callbacks`: see run_cell."""
     out = Path(out)
     shared = dict(shared or {})
     if not models:
@@ -471,7 +475,7 @@ def run_bench(
         done += 1
         log(f"[{done}/{total}] {cell.model} ({format_point(cell.point)}) seed {cell.seed}{what}: "
             f"{cell.run_dir.relative_to(out)}")
-        return run_cell(cell, dataset, log)
+        return run_cell(cell, dataset, log, callbacks)
 
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[tuple[int, Path, dict]]] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -280,9 +281,22 @@ def cmd_bench(args) -> int:
     models = parse_models(args.models)
     seeds = parse_seeds(args.seeds, args.seed_list)
     shared = parse_set(args.set or [])
+    tracked = contextlib.nullcontext()
+    callbacks = None
+    if args.track:
+        from . import tracking
+
+        tracking.require_mlflow()
+        uri = shared.get("tracking_uri", BASE_DEFAULTS["tracking_uri"])
+        # One parent run for the bench; each trained run is nested in it.
+        tracked = tracking.parent_run(uri, f"bench {Path(args.out).name}",
+                                      {"models": ",".join(models), "seeds": ",".join(map(str, seeds)),
+                                       "data": args.data or "synthetic", "grid": args.grid, **shared})
+        callbacks = tracking.nested_trackers
     try:
-        result = run_bench(args.out, models, seeds, shared, data=args.data or "synthetic", grid=args.grid,
-                           grid_max=args.grid_max)
+        with tracked:
+            result = run_bench(args.out, models, seeds, shared, data=args.data or "synthetic", grid=args.grid,
+                               grid_max=args.grid_max, callbacks=callbacks)
     except KeyboardInterrupt:
         print(f"fitmm: interrupted; finished runs are kept: run the same `fitmm bench` command to continue {args.out}",
               file=sys.stderr)
@@ -395,6 +409,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "(its defaults plus a fixed random sample of the rest), for grids too big to train in full")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config key for every model (repeatable)")
     p.add_argument("--out", required=True, help="bench folder; re-run the same command to continue it")
+    p.add_argument("--track", choices=["mlflow"], help="log the bench as one MLflow run with each trained run "
+                   "nested in it (extra 'track'; where: --set tracking_uri=..., default ./mlruns)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("config", help="list every config key with its default, meaning and range")

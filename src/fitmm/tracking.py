@@ -108,3 +108,8 @@ def parent_run(uri: str, name: str, params: dict[str, Any] | None = None) -> Ite
         if params:
             mlflow.log_params(flat_params(params))
         yield run
+
+
+def nested_trackers(config: dict[str, Any], run_dir: Path, resume: bool) -> list[MlflowTracker]:
+    """Trainer callbacks for a run trained inside a `parent_run` (bench, search)."""
+    return [MlflowTracker(config, run_dir, resume=resume, nested=True)]

@@ -271,6 +271,11 @@ def cmd_report(args) -> int:
         missing = [m for m in metrics if m not in s[args.split]]
         if missing:
             raise InputError(f"{s['run']}: no metric {missing[0]} in summary.json; choose from {', '.join(s[args.split])}")
+    if args.html:
+        from .report_html import write_html
+
+        print(f"wrote {write_html(args.run_dirs, args.html, metrics)}")
+        return 0
     print(markdown_table(summaries, metrics, args.split))
     return 0
 
@@ -395,6 +400,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--metrics", default="recall@20,ndcg@20", help="comma-separated, e.g. recall@10,ndcg@10")
     p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--html", metavar="OUT.html", help="write one self-contained page instead: comparison table, "
+                   "training curves and, for FITMM, band energy, gate distributions and band weights")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="train several models over several seeds; mean ± std table with significance tests")

@@ -154,7 +154,7 @@ class Context:
         """The mean over ranks of each value (the epoch's loss parts, each rank's over its slices)."""
         if self.world_size == 1 or not values:
             return values
-        keys = sorted(values)
+        keys = list(values)  # every rank's model reports the same parts in the same order
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
         dist.all_reduce(t)

@@ -450,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except InputError as exc:
-        print(f"fitmm: error: {exc}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun every process reports; say which one
+        print(f"fitmm: error{'' if rank == '0' else f' (rank {rank})'}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         out = getattr(args, "resume", None) or getattr(args, "out", None)

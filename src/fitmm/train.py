@@ -399,7 +399,6 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
     optimizer = make_optimizer(model, config)
     mmrec = config["selection"] == "mmrec"
     metric = config["valid_metric"]
-    ks = config["topk"]
     state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_evals": 0}
     epochs = config["epochs"] if model.trainable else 0
 
@@ -462,7 +461,7 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
             if score > state["best"]:  # strictly better, as in the protocol
                 state.update(best=score, best_epoch=epoch, bad_evals=0)
                 if main:
-                        runio.save_torch(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch,
+                    runio.save_torch(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch,
                                                             "model_name": config["model"]})
             else:
                 state["bad_evals"] += 1

@@ -53,7 +53,7 @@ def test_fitmm_diagnostics_describe_its_bands(tmp_path):
         np.testing.assert_allclose(energy.sum(1), 1.0, rtol=1e-9)
         assert (energy[:, 0] >= energy[:, 1]).all()  # band 1 holds the largest singular values (22 vs 21 of them)
         assert diag["gates"][side].shape == (n, 3)
-        scale = float(getattr(model, f"{side}_gate").scale)
+        scale = float(getattr(model, f"{side}_gate").scale.detach())
         assert ((diag["gates"][side] >= 1.0) & (diag["gates"][side] <= 1.0 + scale)).all()  # pos gates: 1 + s sigma(.)
         weights = diag["band_weights"][side]
         assert weights.shape == (3,) and ((weights > 0) & (weights < 1)).all()

@@ -225,8 +225,9 @@ def run_cell(cell: Cell, dataset, log: Callable[[str], None] = _log, callbacks: 
         log("  removing an unfinished start (no last.pt) and starting again")
         shutil.rmtree(run_dir)
     runio.write_json(run_dir / "overrides.json", cell.overrides)
-    return train(cell.config, dataset, run_dir, resume=resume,
-                 callbacks=callbacks(cell.config, run_dir, resume) if callbacks else ())
+    if callbacks is None:
+        return train(cell.config, dataset, run_dir, resume=resume)
+    return train(cell.config, dataset, run_dir, resume=resume, callbacks=callbacks(cell.config, run_dir, resume))
 
 
 def select_best(scores: list[float]) -> int:

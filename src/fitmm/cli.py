@@ -262,6 +262,30 @@ def cmd_data_synth(args) -> int:
     return 0
 
 
+def cmd_data_convert(args) -> int:
+    from .data.convert import convert
+
+    result = convert(
+        args.interactions, args.out, sep=args.sep, columns=args.columns, user_col=args.user_col,
+        item_col=args.item_col, rating_col=args.rating_col, time_col=args.time_col, min_rating=args.min_rating,
+        kcore=args.kcore, split=args.split, seed=args.seed, name=args.name,
+    )
+    print(result.summary)
+    return 0
+
+
+def cmd_data_encode(args) -> int:
+    from .data.encode import encode
+
+    print(encode(
+        args.items, args.out, data=args.data, id_col=args.id_col, sep=args.sep, text_cols=args.text_cols,
+        text_template=args.text_template, image_col=args.image_col, image_path=args.image_path,
+        text_encoder=args.text_encoder, image_encoder=args.image_encoder, batch_size=args.batch_size,
+        device=args.device, precision=args.precision,
+    ))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import markdown_table, read_summaries
 
@@ -434,6 +458,42 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. synthetic_users=500")
     q.set_defaults(func=cmd_data_synth)
+    q = data_sub.add_parser("convert", help="raw interaction log (CSV/TSV/JSONL) -> MMRec folder with id maps and a split")
+    q.add_argument("interactions", help="the log: CSV/TSV with a header (or --columns), or JSON lines")
+    q.add_argument("--out", required=True, help="dataset folder to create")
+    q.add_argument("--sep", help="column separator, e.g. ',' or '\\t' (default: TAB if the first line has one, else ',')")
+    q.add_argument("--columns", metavar="user,item[,rating][,timestamp]",
+                   help="the columns in file order, for a file without a header row")
+    q.add_argument("--user-col", help="user column (default: a header named user, userID, user_id, ...)")
+    q.add_argument("--item-col", help="item column (default: a header named item, itemID, item_id, movieId, ...)")
+    q.add_argument("--rating-col", help="rating column (for --min-rating)")
+    q.add_argument("--time-col", help="timestamp column, numeric (for --split time)")
+    q.add_argument("--min-rating", type=float, metavar="R", help="keep rows rated >= R (implicit feedback)")
+    q.add_argument("--kcore", type=int, default=0, metavar="K",
+                   help="keep users and items with >= K interactions, repeated until both hold (default 0: off)")
+    q.add_argument("--split", choices=["random", "time"], default="random",
+                   help="per user 8:1:1: random (seeded) or time (last 10%% test, previous 10%% validation)")
+    q.add_argument("--seed", type=int, default=999, help="seed of --split random (default 999)")
+    q.add_argument("--name", help="name of the .inter file (default: the --out folder's name)")
+    q.set_defaults(func=cmd_data_convert)
+    q = data_sub.add_parser("encode", help="item text and images -> text_feat.npy / image_feat.npy (offline encoders)")
+    q.add_argument("items", help="items table: CSV/TSV with a header, or JSON lines")
+    q.add_argument("--out", required=True, help="folder for the feature files (e.g. the dataset folder)")
+    q.add_argument("--data", metavar="DATASET_DIR",
+                   help="a `fitmm data convert` folder: --id-col holds raw ids, mapped through its i_id_mapping.tsv")
+    q.add_argument("--id-col", default="itemID", help="item id column (default itemID: dense ids unless --data)")
+    q.add_argument("--sep", help="column separator (default: TAB if the first line has one, else ',')")
+    q.add_argument("--text-cols", metavar="C1,C2,...", help="text columns, joined as 'c1. c2'")
+    q.add_argument("--text-template", metavar="TEMPLATE", help="text from a template, e.g. '{title}. Genres: {genres}.'")
+    q.add_argument("--image-col", help="column with image file paths (relative to the table's folder, or absolute)")
+    q.add_argument("--image-path", metavar="TEMPLATE", help="image path template, e.g. 'posters/{movie_id}.jpg'")
+    q.add_argument("--text-encoder", default="all-MiniLM-L6-v2", help="text encoder (default all-MiniLM-L6-v2)")
+    q.add_argument("--image-encoder", default="efficientnet-lite0", help="image encoder (default efficientnet-lite0)")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--device", default="cpu", help="torch device for the encoders (default cpu)")
+    q.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: faster on CPUs with bfloat16 units; rows within cosine 0.9999 (text) and 0.997 (images) of float32")
+    q.set_defaults(func=cmd_data_encode)
     return parser
 
 

@@ -144,3 +144,13 @@ def test_two_gloo_processes_train_one_run_with_half_the_steps_and_the_one_proces
         for metric in ("recall@20", "ndcg@20"):
             assert abs(summary[split][metric] - one_summary[split][metric]) < 0.01, (split, metric)
     assert abs(log[0]["rec"] - one_log[0]["rec"]) < 1e-3  # the recommendation loss of the same rows
+
+
+def test_nproc_below_one_or_inside_torchrun_is_exit_2(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(["train", "--nproc", "0", "--out", str(out), *small_args()]) == 2
+    assert "--nproc: must be at least 1, got 0" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for its processes
+    assert main(["train", "--nproc", "2", "--out", str(out), *small_args()]) == 2
+    assert "already runs under torchrun; drop --nproc" in capsys.readouterr().err
+    assert not out.exists()

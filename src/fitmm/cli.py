@@ -149,6 +149,9 @@ def cmd_train(args) -> int:
             callbacks.append(MlflowTracker(config, run_dir, resume=bool(args.resume)))
         summary = train(config, dataset, run_dir, resume=bool(args.resume), lock=lock,
                         allow_data_change=args.allow_data_change, callbacks=callbacks)
+        # The main rank returns last (it writes the run's files): leaving the group together keeps
+        # gloo from aborting a process whose peer is still at work.
+        context.barrier()
     except BaseException:
         # A run that failed (or was interrupted) before its first checkpoint holds nothing of value
         # and could not be resumed: remove it, so the same command can simply be run again.

@@ -33,7 +33,6 @@ exactly those of one process.
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -129,13 +128,15 @@ class Context:
         if self.world_size == 1:
             return model.loss
         device_ids = [model_device(model)] if model_device(model).type == "cuda" else None
-        # find_unused_parameters: some models leave a parameter out of a step (an ablated gate, a
-        # branch only embed() uses); without it DDP would wait for its gradient forever.
-        # Buffers are data (frozen features), identical on every rank: no broadcast before each step.
+        module = _LossModule(model)
+        # Buffers are data (frozen features, some models' sparse graphs), identical on every rank:
+        # DDP must not broadcast them (it cannot broadcast sparse tensors at all).
         ddp = nn.parallel.DistributedDataParallel
-        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                   else {"broadcast_buffers": False})
-        return ddp(_LossModule(model), device_ids=device_ids, find_unused_parameters=True, **no_sync)
+        ddp._set_params_and_buffers_to_ignore_for_model(module, [name for name, _ in module.named_buffers()])
+        # static_graph: every step of a model uses the same parameters (some leave one out of the
+        # loss altogether, e.g. a branch only embed() uses), so DDP learns the set once instead of
+        # waiting for a gradient that never comes or searching the graph at every step.
+        return ddp(module, device_ids=device_ids, static_graph=True)
 
     def users_part(self, users: np.ndarray) -> np.ndarray:
         """This rank's contiguous share of a sorted array of users."""

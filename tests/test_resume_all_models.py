@@ -155,3 +155,14 @@ def test_resume_re_runs_an_epoch_logged_after_the_last_checkpoint(tmp_path, monk
     assert log_lines(run) == log_lines(reference)
     for name in ("best.pt", "last.pt"):
         assert_identical(load_checkpoint(run / name), load_checkpoint(reference / name), name)
+
+
+def test_patience_counts_evaluations_so_the_first_one_always_happens(tmp_path):
+    """patience=1 with eval_every=2: epoch 1 has no evaluation and cannot count against patience,
+    so the run trains to its first evaluation (epoch 2), which improves on nothing and is the best."""
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *tiny_args("bpr", tmp_path / "cache", "patience=1", "eval_every=2")]) == 0
+    log = log_lines(run)
+    assert [r["epoch"] for r in log][:2] == [1, 2]
+    assert "valid" not in log[0] and "valid" in log[1]
+    assert json.loads((run / "summary.json").read_text())["best_epoch"] in (2, 4)

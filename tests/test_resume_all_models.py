@@ -166,3 +166,22 @@ def test_patience_counts_evaluations_so_the_first_one_always_happens(tmp_path):
     assert [r["epoch"] for r in log][:2] == [1, 2]
     assert "valid" not in log[0] and "valid" in log[1]
     assert json.loads((run / "summary.json").read_text())["best_epoch"] in (2, 4)
+
+
+def test_an_early_stopped_run_resumes_to_the_same_end(tmp_path):
+    """lr=0 keeps the weights, so every evaluation scores the same: only a strictly better score
+    counts, the best epoch stays 1, and patience=2 stops the run after epoch 3. Resuming it trains
+    nothing more and reports the same result."""
+    run = tmp_path / "run"
+    args = tiny_args("bpr", tmp_path / "cache", "lr=0.0", "patience=2", "epochs=10")
+    assert main(["train", "--out", str(run), *args]) == 0
+    first = json.loads((run / "summary.json").read_text())
+    assert (first["best_epoch"], first["epochs_run"]) == (1, 3)
+    assert len({json.dumps(r["valid"]) for r in log_lines(run)}) == 1  # the same score every epoch
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+
+    assert main(["train", "--resume", str(run)]) == 0
+    assert [r["epoch"] for r in log_lines(run)] == [1, 2, 3]
+    assert without_timings(json.loads((run / "summary.json").read_text())) == without_timings(first)
+    assert_identical(load_checkpoint(run / "best.pt"), best, "best.pt")
+    assert_identical(load_checkpoint(run / "last.pt"), last, "last.pt")

@@ -28,7 +28,7 @@ INTERRUPT_AFTER = 2  # the last checkpointed epoch before the interruption
 # Tiny data: a few batches per epoch (so the sampler's generator moves within an epoch), seconds per model.
 TINY = [
     "synthetic_users=60", "synthetic_items=50", "synthetic_mean_interactions=10",
-    "synthetic_feature_dims={image: 8, text: 6}", "embedding_size=8", "batch_size=64",
+    "synthetic_feature_dims={image: 8, text: 6}", "batch_size=64",
     "threads=1", "progress=false", "patience=100", f"epochs={EPOCHS}",
 ]
 TIMING_KEYS = {"train_seconds", "eval_seconds", "seconds_per_epoch"}
@@ -36,7 +36,8 @@ TIMING_KEYS = {"train_seconds", "eval_seconds", "seconds_per_epoch"}
 
 def tiny_args(model: str, cache, *extra: str) -> list[str]:
     out = ["--model", model]
-    for item in [*TINY, f"cache_dir={cache}", *extra]:
+    embeddings = ["embedding_size=8"] if "embedding_size" in REGISTRY[model].defaults else []
+    for item in [*TINY, *embeddings, f"cache_dir={cache}", *extra]:
         out += ["--set", item]
     return out
 
@@ -103,10 +104,14 @@ def assert_identical(a, b, where: str = "") -> None:
 TRAINABLE = sorted(name for name, cls in REGISTRY.items() if cls.trainable)
 
 
-def test_every_model_but_the_untrained_ones_is_covered():
-    # An untrained model (most-popular) writes no last.pt, so there is nothing to resume; every
-    # other registered model must be in the parametrisation below.
+def test_every_model_but_the_untrained_ones_is_covered(tmp_path):
+    # An untrained model (most-popular) trains no epoch even when epochs is set, so it writes no
+    # last.pt and there is nothing to resume; every other registered model is parametrised below.
     assert sorted(REGISTRY) == sorted([*TRAINABLE, "pop"])
+    run = tmp_path / "pop"
+    assert main(["train", "--out", str(run), *tiny_args("pop", tmp_path / "cache")]) == 0
+    assert (run / "log.jsonl").read_text() == "" and not (run / "last.pt").exists()
+    assert json.loads((run / "summary.json").read_text())["epochs_run"] == 0
 
 
 @pytest.mark.parametrize("model", TRAINABLE)

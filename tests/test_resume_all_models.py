@@ -190,3 +190,46 @@ def test_an_early_stopped_run_resumes_to_the_same_end(tmp_path):
     assert without_timings(json.loads((run / "summary.json").read_text())) == without_timings(first)
     assert_identical(load_checkpoint(run / "best.pt"), best, "best.pt")
     assert_identical(load_checkpoint(run / "last.pt"), last, "last.pt")
+
+
+def script_validation(monkeypatch, scores: list[float]) -> None:
+    """Make epoch e's validation recall@20 equal scores[e - 1] (training itself runs for real), so
+    the early-stopping rule is checked against a sequence worked out by hand."""
+    real_run_epoch = fitmm.train.run_epoch
+    current = {"epoch": 0}
+
+    def run_epoch(model, sampler, optimizer, epoch, *args, **kwargs):
+        current["epoch"] = epoch
+        return real_run_epoch(model, sampler, optimizer, epoch, *args, **kwargs)
+
+    def evaluate(model, dataset, splits, ks, batch_users=1024):
+        return {split: {"recall@20": scores[current["epoch"] - 1]} for split in splits}
+
+    monkeypatch.setattr(fitmm.train, "run_epoch", run_epoch)
+    monkeypatch.setattr(fitmm.train, "evaluate", evaluate)
+
+
+# Validation score per epoch, patience 2. Epoch 1 is the first best; 2 only ties it (not strictly
+# better: 1 bad evaluation); 3 improves (best, the count restarts at 0); 4 is worse (1); 5 ties the
+# best (2 = patience): the run stops after epoch 5 with epoch 3 as the best. Counting a tie as better,
+# or not restarting the count at an improvement (stop after epoch 4), both change the outcome.
+SCRIPTED = [0.1, 0.1, 0.2, 0.15, 0.2, 0.3, 0.4]
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_early_stopping_follows_hand_worked_scores_across_a_resume(tmp_path, monkeypatch, interrupted):
+    args = tiny_args("bpr", tmp_path / "cache", "patience=2", "epochs=7")
+    run = tmp_path / "run"
+    script_validation(monkeypatch, SCRIPTED)
+    if interrupted:  # stopped inside epoch 5, after epoch 4's checkpoint (bad evaluations: 1)
+        interrupt_inside_epoch(monkeypatch, 5)
+        assert main(["train", "--out", str(run), *args]) == 130
+        monkeypatch.undo()
+        script_validation(monkeypatch, SCRIPTED)
+        assert main(["train", "--resume", str(run)]) == 0
+    else:
+        assert main(["train", "--out", str(run), *args]) == 0
+    log = log_lines(run)
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5]
+    assert [r["valid"]["recall@20"] for r in log] == SCRIPTED[:5]
+    assert json.loads((run / "summary.json").read_text())["best_epoch"] == 3

@@ -12,8 +12,9 @@ from fitmm import runio
 @pytest.fixture
 def ctrl_c_raises():
     """SIGINT handled as in a Python started normally: raise KeyboardInterrupt. Python installs that
-    handler only when SIGINT is not ignored at startup, and under `nohup` (or any parent that ignores
-    SIGINT) it is, so the test sets it itself and puts the previous disposition back afterwards."""
+    handler only when SIGINT is not ignored at startup, and it is in a background job of a script
+    (`nohup pytest &`) or under any parent that ignores SIGINT, so the test sets the handler itself
+    and puts the previous disposition back afterwards."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)

@@ -82,8 +82,9 @@ def test_evaluate_reproduces_the_saved_run(tmp_path, capsys):
 
 def default_ctrl_c() -> None:
     """Run in the child between fork and exec: SIGINT back to its default disposition. A child
-    inherits an ignored SIGINT (pytest run under `nohup`, say), and Python then never installs the
-    handler that turns Ctrl-C into KeyboardInterrupt, so the interruption below would do nothing."""
+    inherits an ignored SIGINT (pytest as a script's background job, `nohup pytest &`), and Python
+    then never installs the handler that turns Ctrl-C into KeyboardInterrupt: the SIGINT below
+    would do nothing."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 

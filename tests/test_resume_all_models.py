@@ -173,25 +173,6 @@ def test_patience_counts_evaluations_so_the_first_one_always_happens(tmp_path):
     assert json.loads((run / "summary.json").read_text())["best_epoch"] in (2, 4)
 
 
-def test_an_early_stopped_run_resumes_to_the_same_end(tmp_path):
-    """lr=0 keeps the weights, so every evaluation scores the same: only a strictly better score
-    counts, the best epoch stays 1, and patience=2 stops the run after epoch 3. Resuming it trains
-    nothing more and reports the same result."""
-    run = tmp_path / "run"
-    args = tiny_args("bpr", tmp_path / "cache", "lr=0.0", "patience=2", "epochs=10")
-    assert main(["train", "--out", str(run), *args]) == 0
-    first = json.loads((run / "summary.json").read_text())
-    assert (first["best_epoch"], first["epochs_run"]) == (1, 3)
-    assert len({json.dumps(r["valid"]) for r in log_lines(run)}) == 1  # the same score every epoch
-    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
-
-    assert main(["train", "--resume", str(run)]) == 0
-    assert [r["epoch"] for r in log_lines(run)] == [1, 2, 3]
-    assert without_timings(json.loads((run / "summary.json").read_text())) == without_timings(first)
-    assert_identical(load_checkpoint(run / "best.pt"), best, "best.pt")
-    assert_identical(load_checkpoint(run / "last.pt"), last, "last.pt")
-
-
 def script_validation(monkeypatch, scores: list[float]) -> None:
     """Make epoch e's validation recall@20 equal scores[e - 1] (training itself runs for real), so
     the early-stopping rule is checked against a sequence worked out by hand."""
@@ -233,3 +214,22 @@ def test_early_stopping_follows_hand_worked_scores_across_a_resume(tmp_path, mon
     assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5]
     assert [r["valid"]["recall@20"] for r in log] == SCRIPTED[:5]
     assert json.loads((run / "summary.json").read_text())["best_epoch"] == 3
+
+
+def test_an_early_stopped_run_resumes_to_the_same_end(tmp_path, monkeypatch):
+    """Scores 0.3, 0.3, 0.3: epochs 2 and 3 only tie the best, so they are not improvements and
+    patience=2 stops the run after epoch 3 with epoch 1 as the best. Resuming the stopped run trains
+    nothing more and reports the same result."""
+    run = tmp_path / "run"
+    args = tiny_args("bpr", tmp_path / "cache", "patience=2", "epochs=6")
+    script_validation(monkeypatch, [0.3, 0.3, 0.3, 0.9, 0.9, 0.9])
+    assert main(["train", "--out", str(run), *args]) == 0
+    first = json.loads((run / "summary.json").read_text())
+    assert (first["best_epoch"], first["epochs_run"]) == (1, 3)
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+
+    assert main(["train", "--resume", str(run)]) == 0
+    assert [r["epoch"] for r in log_lines(run)] == [1, 2, 3]
+    assert without_timings(json.loads((run / "summary.json").read_text())) == without_timings(first)
+    assert_identical(load_checkpoint(run / "best.pt"), best, "best.pt")
+    assert_identical(load_checkpoint(run / "last.pt"), last, "last.pt")

@@ -233,3 +233,19 @@ def test_an_early_stopped_run_resumes_to_the_same_end(tmp_path, monkeypatch):
     assert without_timings(json.loads((run / "summary.json").read_text())) == without_timings(first)
     assert_identical(load_checkpoint(run / "best.pt"), best, "best.pt")
     assert_identical(load_checkpoint(run / "last.pt"), last, "last.pt")
+
+
+@pytest.mark.parametrize("damaged", [[1, 2], {"epoch": 2, "best": "high", "best_epoch": 1, "bad_evals": 0}])
+def test_a_last_pt_with_a_damaged_state_entry_is_refused(tmp_path, capsys, damaged):
+    """The early-stopping state is the one entry of last.pt that names itself in the error: a list, or a
+    field that is not a number, is bad input (exit 2, nothing written), not an internal error."""
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *tiny_args("bpr", tmp_path / "cache", "epochs=2")]) == 0
+    checkpoint = load_checkpoint(run / "last.pt")
+    checkpoint["state"] = damaged
+    torch.save(checkpoint, run / "last.pt")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'last.pt'}: not a checkpoint written by fitmm train (bad 'state' entry)" in err
+    assert "Traceback" not in err

@@ -52,6 +52,15 @@ def test_training_items_are_masked_and_held_out_items_counted():
     np.testing.assert_allclose(valid["recall@2"], [1.0, 1.0])
 
 
+def test_evaluate_reports_the_mean_of_each_metric_and_nothing_else():
+    """The per-user "user" ids are not a metric: evaluate's summary has exactly the metric keys."""
+    ds = _ds(train=[(0, 0), (1, 1), (2, 2)], valid=[(0, 4), (1, 2)], test=[(0, 3), (1, 4), (1, 5)], n_items=6)
+    model = FixedScores(ds, np.array([[9, 1, 2, 8, 3, 0], [0, 9, 5, 1, 2, 3], [0, 0, 9, 0, 0, 0]]))
+    result = evaluate(model, ds, ["test"], [1, 2])
+    assert set(result["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map", "hit") for k in (1, 2)}
+    assert result["test"]["recall@1"] == 0.5  # users 0 (hit at rank 1) and 1 (miss)
+
+
 def test_users_without_training_rows_are_dropped():
     ds = _ds(train=[(0, 0)], valid=[(0, 1), (1, 2)], test=[(1, 3)], n_items=4)
     assert list(evaluated_users(ds, "valid")) == [0]

@@ -2,9 +2,9 @@
 
 Every expected value is derived here independently of the code under test: in the comments by
 hand (closed forms), or by a few explicit numpy lines that follow the documented formula (the
-model's docstring, or docs/fitmm-method.md for FITMM). Parameters are set by hand where the
-derivation needs simple numbers; only FITMM's reference reads the model's own (random) initial
-parameters, as plain numbers fed to an independent numpy implementation of the spec.
+model's docstring; for FITMM the method spec, ../shared/docs/fitmm-method.md). Parameters are
+set by hand where the derivation needs simple numbers; only FITMM's reference reads the model's
+own (random) initial parameters, as plain numbers fed to an independent numpy implementation.
 
 The normalised adjacency of the tiny graph (users u0..u2, then items i0..i3; degrees
 u0 2, u1 1, u2 1, i0 1, i1 2, i2 1, i3 0), entry 1 / sqrt(deg_u deg_i) per edge:
@@ -282,7 +282,7 @@ def test_bm3_loss_by_hand_without_dropout():
 
 
 # -- FITMM --------------------------------------------------------------------------------------
-# An independent numpy implementation of docs/fitmm-method.md §3-§8, for d = 2, M = 2 bands (one
+# An independent numpy implementation of the method spec (fitmm-method.md §3-§8), for d = 2, M = 2 bands (one
 # singular direction each), ID + one content modality (image), item kNN graph S_image, two
 # user-item layers (layer SUM), one item-graph layer, the MLP set to the identity.
 

@@ -24,7 +24,7 @@ import torch
 
 from fitmm.graphs import normalized_adjacency
 from fitmm.models.base import bpr_loss, l2_penalty
-from tiny import N_ITEMS, N_USERS, R, S_IMAGE, batch, build, tiny_dataset
+from tiny import N_USERS, R, S_IMAGE, batch, build, tiny_dataset
 
 R2 = 1 / math.sqrt(2)
 SQ2 = math.sqrt(2)

@@ -202,3 +202,13 @@ def test_fitmm_learns_and_beats_most_popular(tmp_path):
     pop = json.loads((tmp_path / "pop" / "summary.json").read_text())
     fit = json.loads((tmp_path / "fitmm" / "summary.json").read_text())
     assert fit["test"]["recall@20"] > 1.2 * pop["test"]["recall@20"]
+
+
+def test_bfloat16_setting_runs_the_feature_mlps_in_bfloat16(tmp_path):
+    """Closeness to float32 (above) would also hold if the setting were ignored: check the dtype."""
+    for precision, expected in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        model, _ = make(tmp_path, feature_precision=precision)
+        seen = []
+        model.mlps[0][0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        items = model._item_ego(model.mlps[0], model.features[0])
+        assert seen == [expected] and items.dtype == torch.float32

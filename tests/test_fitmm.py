@@ -242,3 +242,13 @@ def test_cached_item_graphs_of_different_datasets_do_not_collide(tmp_path):
     second, _ = make(tmp_path, other, knn_k=2, embedding_size=4)
     assert list((tmp_path / "cache").iterdir())  # both went through the same on-disk cache
     assert not torch.equal(first.item_graph.to_dense(), second.item_graph.to_dense())
+
+
+@pytest.mark.parametrize("key", ["knn_k", "user_knn_k"])
+def test_knn_sizes_start_at_one(tmp_path, key):
+    from tiny import tiny_dataset
+
+    sizes = {"knn_k": 2, "user_knn_k": 2}
+    make(tmp_path, tiny_dataset(), embedding_size=4, **{**sizes, key: 1})  # accepted: each node keeps only itself
+    with pytest.raises(InputError, match=f"^config key '{key}': must be >= 1, got 0$"):
+        make(tmp_path, tiny_dataset(), embedding_size=4, **{**sizes, key: 0})

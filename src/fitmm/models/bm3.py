@@ -79,7 +79,8 @@ class BM3(Recommender):
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))
         # The raw features are parameters here: the reference fine-tunes them.
         self.features = nn.ParameterList(
-            nn.Parameter(torch.from_numpy(dataset.features_for_model(name)).clone()) for name in dataset.modalities
+            nn.Parameter(torch.from_numpy(dataset.features_for_model(name, trained=True)))
+            for name in dataset.modalities
         )
         self.projections = nn.ModuleList(nn.Linear(f.shape[1], d) for f in self.features)
         self.predictor = nn.Linear(d, d)

@@ -108,10 +108,12 @@ def test_lightgcn_loss_by_hand():
     loss, parts = model.loss(batch([0, 2], [1, 2], [3, 0]))
     u, i = LGCN_USERS, LGCN_ITEMS
     rec = (softplus(u[0] * i[3] - u[0] * i[1]) + softplus(u[2] * i[0] - u[2] * i[2])) / 2
-    # L2 on the EGO rows of the batch: users 1, 2; positives 4, 1; negatives 5, 2 -> 1+4+16+1+25+4 = 51, / (2*2)
+    # EmbLoss on the EGO rows of the batch: norms (not squared) of users (1, 2), positives (4, 1),
+    # negatives (5, 2): sqrt5 + sqrt17 + sqrt29, over the batch of 2
+    reg = 0.5 * (math.sqrt(5) + math.sqrt(17) + math.sqrt(29)) / 2
     close(parts["bpr"], rec)
-    close(parts["reg"], 0.5 * 51 / 4)
-    close(loss, rec + 0.5 * 51 / 4)
+    close(parts["reg"], reg)
+    close(loss, rec + reg)
 
 
 # d = 2: users u0 (1, 0), u1 (0, 1), u2 (1, 1); items i0 (1, 1), i1 (2, 0), i2 (0, -1), i3 (1, 2).
@@ -127,10 +129,13 @@ def test_bpr_scores_and_loss_by_hand():
     close(model.score(*model.embed()), [[1, 2, 0, 1], [1, 0, -1, 2], [2, 2, -1, 3]])
     loss, parts = model.loss(batch([0, 1], [1, 1], [3, 0]))
     # pairs (u0: pos 2, neg 1) and (u1: pos 0, neg 1): mean(softplus(-1), softplus(1));
-    # L2: |u0|^2 + |u1|^2 + 2 |i1|^2 + |i3|^2 + |i0|^2 = 1 + 1 + 8 + 5 + 2 = 17, / (2*2), times 0.5
+    # EmbLoss: Frobenius norms (not squared) of the batch's tables, over the batch of 2:
+    #   users u0, u1: sqrt(1 + 1); positives i1, i1: sqrt(4 + 4); negatives i3, i0: sqrt(5 + 2); times 0.5
     rec = (softplus(-1) + softplus(1)) / 2
+    reg = 0.5 * (math.sqrt(2) + math.sqrt(8) + math.sqrt(7)) / 2
     close(parts["bpr"], rec)
-    close(loss, rec + 0.5 * 17 / 4)
+    close(parts["reg"], reg)
+    close(loss, rec + reg)
 
 
 def test_most_popular_scores_are_training_counts():
@@ -216,10 +221,9 @@ def test_smore_embeddings_by_hand():
 
 def test_lgmrec_embeddings_by_hand():
     model = build("lgmrec", dataset=tiny_dataset(["image"]), embedding_size=2, n_ui_layers=1, n_mm_layers=1,
-                  hyper_num=2, n_hyper_layers=1, alpha=0.5)
-    model.eval()  # plain softmax over hyperedges, no dropout
-    setp(model.projections[0].weight, [[1, 0], [1, 1]])
-    setp(model.projections[0].bias, [0, 1])
+                  hyper_num=2, n_hyper_layers=1, alpha=0.5, gumbel=False)
+    model.eval()  # plain softmax over hyperedges (the Gumbel noise is off), no dropout
+    setp(model.projections[0].weight, [[1, 0], [1, 1]])  # bias-free, as the reference
     setp(model.hyperedges[0], [[2, 0], [0, 1]])
     ego_u = np.array([[1, 1], [0, 1], [2, 0]], dtype=float)
     ego_i = np.array([[2, 0], [4, 1], [1, 1], [5, 0]], dtype=float)
@@ -230,13 +234,14 @@ def test_lgmrec_embeddings_by_hand():
     x = np.array([[1, 0], [1, 0.2], [1, 0.5], [0, 1]])
     ego = np.vstack([ego_u, ego_i])
     collaborative = (ego + A_HAT @ ego) / 2  # LightGCN, 1 layer, mean readout
-    proj = x @ np.array([[1, 0], [1, 1]]).T + [0, 1]
+    proj = x @ np.array([[1, 0], [1, 1]]).T
     user_start = (R / R.sum(1, keepdims=True)) @ proj  # mean of each user's training items
     modal = A_HAT @ np.vstack([user_start, proj])  # 1 layer, last layer kept
     local = collaborative + normalize_rows(modal)
     logits = x @ np.array([[2, 0], [0, 1]]).T
-    h_items = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    h_users = R @ h_items  # binary interactions, not normalised
+    softmax = lambda z: np.exp(z) / np.exp(z).sum(1, keepdims=True)  # noqa: E731
+    h_items = softmax(logits)
+    h_users = softmax(R @ logits)  # a user's logits: the SUM of its items' logits (binary R)
     edges = h_items.T @ collaborative[N_USERS:]
     g_users, g_items = h_users @ edges, h_items @ edges
     close(users, local[:N_USERS] + 0.5 * normalize_rows(g_users))
@@ -253,9 +258,10 @@ def test_bm3_embeddings_are_the_predictor_over_lightgcn():
     setp(model.predictor.weight, [[2.0]])
     setp(model.predictor.bias, [1.0])
     users, items = model.embed()
-    # the online view f_p(h) = 2 h + 1 of the 2-layer LightGCN values above
+    # the online view f_p(h) = 2 h + 1 of the 2-layer LightGCN values above; items add their own
+    # ID embedding to the readout (the reference's residual)
     close(users[:, 0], 2 * np.array(LGCN_USERS) + 1)
-    close(items[:, 0], 2 * np.array(LGCN_ITEMS) + 1)
+    close(items[:, 0], 2 * (np.array(LGCN_ITEMS) + EGO_ITEMS) + 1)
 
 
 def test_bm3_loss_by_hand_without_dropout():
@@ -268,20 +274,24 @@ def test_bm3_loss_by_hand_without_dropout():
     setp(model.projections[0].weight, np.eye(2))
     setp(model.projections[0].bias, [0, 0])
     loss, parts = model.loss(batch([0, 2], [1, 2]))
-    # n_layers 0: h = ego. Pairs (u0 (1,0), i1 (2,0)) and (u2 (1,1), i2 (0,1)); online = swapped.
-    # rec = -mean cos(on_u, h_i) - mean cos(h_u, on_i):
-    #   cos((0,1),(2,0)) = 0, cos((1,1),(0,1)) = 1/sqrt2; cos((1,0),(0,2)) = 0, cos((1,1),(1,0)) = 1/sqrt2
-    close(parts["rec"], -(R2 / 2) - (R2 / 2))
+    # n_layers 0: h_u = ego users; h_i = readout (ego) + ID residual = 2 ego items:
+    #   i0 (2,2), i1 (4,0), i2 (0,2), i3 (2,4). Pairs (u0 (1,0), i1 (4,0)) and (u2 (1,1), i2 (0,2));
+    # online = swapped coordinates. C(a, b) = 1 - mean cos:
+    #   rec = C(on_u, h_i) + C(on_i, h_u): cos((0,1),(4,0)) = 0, cos((1,1),(0,2)) = 1/sqrt2;
+    #   cos((0,4),(1,0)) = 0, cos((2,0),(1,1)) = 1/sqrt2  ->  2 (1 - 1/(2 sqrt2))
+    close(parts["rec"], 2 * (1 - R2 / 2))
     # modality: h_m = image features of i1 (1, .2) and i2 (1, .5); online = swapped (.2, 1), (.5, 1)
-    #   align = -mean cos(on_m, h_i): cos((.2,1),(2,0)), cos((.5,1),(0,1)); mask = -mean cos(on_m, h_m)
+    #   align = C(on_m, h_i) (cosine ignores the residual's factor 2); mask = C(on_m, h_m)
     cos = lambda a, b: np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
-    align = -(cos([0.2, 1], [2, 0]) + cos([0.5, 1], [0, 1])) / 2
-    mask = -(cos([0.2, 1], [1, 0.2]) + cos([0.5, 1], [1, 0.5])) / 2
+    align = 1 - (cos([0.2, 1], [2, 0]) + cos([0.5, 1], [0, 1])) / 2
+    mask = 1 - (cos([0.2, 1], [1, 0.2]) + cos([0.5, 1], [1, 0.5])) / 2
     close(parts["align"], align)
     close(parts["mask"], mask)
-    # reg: half the squared norms of the online rows (0,1), (1,1), (0,2), (1,0) = (1+2+4+1)/(2*2) = 2, times 0.5
-    close(parts["reg"], 1.0)
-    close(loss, -SQ2 / 2 + 2 * (align + mask) + 1.0)
+    # reg: Frobenius norms (not squared) of the WHOLE encoder tables over n_items = 4:
+    #   users 1 + 1 + 2 = 4 -> 2; items 8 + 16 + 4 + 20 = 48 -> 4 sqrt3; times 0.5
+    reg = 0.5 * (2 + 4 * math.sqrt(3)) / 4
+    close(parts["reg"], reg)
+    close(loss, 2 * (1 - R2 / 2) + 2 * (align + mask) + reg)
 
 
 # -- FITMM --------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ def test_report_pools_only_runs_that_differ_in_the_seed(tmp_path, capsys):
         fake_run(tmp_path / "a1", 1, 0.10, epochs=3),
         fake_run(tmp_path / "a2", 2, 0.20, epochs=3, progress=False),  # progress cannot change results
         fake_run(tmp_path / "b1", 1, 0.40, epochs=20),
-        fake_run(tmp_path / "c1", 1, 0.50, epochs=20, model="lightgcn"),
+        # the same reg_weight as bpr's default, so that only epochs differs between the groups
+        fake_run(tmp_path / "c1", 1, 0.50, epochs=20, model="lightgcn", reg_weight=2.0),
     ]
     groups, differing = group_runs(read_summaries(runs))
     assert [[r["run"] for r in g] for g in groups.values()] == [[str(runs[0]), str(runs[1])], [str(runs[2])], [str(runs[3])]]

@@ -154,3 +154,11 @@ def l2_penalty(*tensors: torch.Tensor) -> torch.Tensor:
     """Half the summed squared norms of the batch's rows, per batch row (the usual BPR-MF penalty)."""
     batch = tensors[0].shape[0]
     return sum(t.pow(2).sum() for t in tensors) / (2 * batch)
+
+
+def embedding_norm_penalty(*tensors: torch.Tensor) -> torch.Tensor:
+    """The field's "EmbLoss" (MMRec `common/loss.py`): the sum of each tensor's Frobenius norm,
+    NOT squared, divided by the number of rows of the last tensor (the batch, or all items when
+    whole tables are passed). Its gradient has a fixed size whatever the embeddings' scale, so
+    reg_weight values are not comparable with those of `l2_penalty`."""
+    return sum(torch.linalg.vector_norm(t) for t in tensors) / tensors[-1].shape[0]

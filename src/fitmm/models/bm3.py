@@ -1,26 +1,32 @@
 """BM3 (Zhou et al., WWW'23): "Bootstrap Latent Representations for Multi-modal Recommendation".
 
-A self-supervised model with NO negative samples and no auxiliary graphs. What the paper does (and
-how this file does it):
+A self-supervised model with NO negative samples and no auxiliary graphs. It follows the
+mechanisms of the reference implementation (MMRec `src/models/bm3.py`, `configs/model/BM3.yaml`),
+read mechanism by mechanism and re-written here; no code was copied.
 
 1. Encoders. User and item ID embeddings are encoded by LightGCN over the normalised user-item
-   graph (n_layers layers; readout = mean of layers 0..L, as in LightGCN): h_u, h_i. Each content
-   modality m is projected to the same width by a one-layer linear map: h_i^m = x_i^m W_m + b_m.
-2. Contrastive view generator. A single predictor f_p (one linear layer, SHARED by users, items
-   and every modality) gives the online view  h~ = f_p(h).  The target view is the stop-gradient
-   representation perturbed by dropout:  h. = Dropout(sg(h))  (no target network, no graph
-   augmentation). Dropout with ratio `dropout` is applied to users, items and modality vectors.
-3. Multi-modal contrastive loss, with C(a, b) = - cos(a, b) averaged over the batch's
-   (user, positive item) pairs:
-     graph reconstruction       L_rec   = C(h~_u, h._i) + C(h._u, h~_i)
-     inter-modality alignment   L_align = sum_m C(h~_i^m, h._i)      (modality online -> item ID target)
+   graph (n_layers layers; readout = mean of layers 0..L): h_u; the item vector ADDS the item's
+   own ID embedding to that readout (a residual): h_i = LightGCN_i + e_i. Each content modality m
+   is projected to the same width by a linear layer: h_i^m = x_i^m W_m + b_m; the raw features
+   x^m are trainable (initialised from the dataset's feature files).
+2. Views. A single predictor f_p (one linear layer, SHARED by users, items and every modality)
+   gives the online view h~ = f_p(h). The target view is the stop-gradient representation
+   perturbed by dropout (ratio `dropout`, over the whole tables): h. = Dropout(sg(h)).
+3. Loss, with C(a, b) = 1 - cos(a, b) averaged over the batch's (user, positive item) pairs:
+     graph reconstruction       L_rec   = C(h~_u, h._i) + C(h~_i, h._u)
+     inter-modality alignment   L_align = sum_m C(h~_i^m, h._i)      (modality online -> item target)
      intra-modality masking     L_mask  = sum_m C(h~_i^m, h._i^m)    (modality online -> its own target)
-   plus reg_weight times the batch L2 (`base.l2_penalty`) of the online embeddings h~_u, h~_i.
-   Interpretation: `cl_weight` multiplies the two multi-modal terms,
-       L = L_rec + cl_weight * (L_align + L_mask) + reg_weight * L2,
-   cl_weight = 1 is the paper's unweighted sum; the default 2.0 is the field's released setting.
-4. Inference. Scores are inner products of the ONLINE (predicted) embeddings: embed() returns
+       L = L_rec + cl_weight * (L_align + L_mask)
+           + reg_weight * (||H_u|| + ||H_i||) / n_items
+   where H_u, H_i are the WHOLE encoder tables (before the predictor) and ||.|| the Frobenius norm,
+   not squared (`base.embedding_norm_penalty`).
+4. Initialisation: ID tables xavier-uniform; predictor and modality projections xavier-normal
+   weights (default bias). Inference scores inner products of the online embeddings
    (f_p(h_u), f_p(h_i)) over the full graph, without dropout. Content enters only through training.
+
+Defaults are the reference yaml's first configuration (n_layers 1, dropout 0.3, reg_weight 0.1,
+cl_weight 2.0). With one modality the sums in L_align and L_mask have one term (the reference
+handles image and/or text the same way).
 """
 
 from __future__ import annotations
@@ -31,13 +37,13 @@ from torch import nn
 
 from ..graphs import normalized_adjacency, to_torch
 from ..config import AT_LEAST_0, AT_LEAST_1, FRACTION
-from .base import Recommender, l2_penalty, register
+from .base import Recommender, embedding_norm_penalty, register
 from .lightgcn import propagate
 
 
-def negative_cosine(online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-cos(online, target) per row, averaged (the target is already detached)."""
-    return -F.cosine_similarity(online, target, dim=-1).mean()
+def cosine_distance(online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - cos(online, target) per row, averaged (the target is already detached)."""
+    return 1.0 - F.cosine_similarity(online, target, dim=-1).mean()
 
 
 @register
@@ -49,7 +55,7 @@ class BM3(Recommender):
         "embedding_size": 64,
         "lr": 1e-3,
         "n_layers": 1,
-        "dropout": 0.5,
+        "dropout": 0.3,
         "reg_weight": 0.1,
         "cl_weight": 2.0,
     }
@@ -61,7 +67,7 @@ class BM3(Recommender):
         "embedding_size": "embedding width",
         "n_layers": "LightGCN layers over the user-item graph",
         "dropout": "dropout ratio of the target views",
-        "reg_weight": "weight of the L2 penalty on the online embeddings",
+        "reg_weight": "weight of the norm penalty (not squared) on the whole encoder tables, / items",
         "cl_weight": "weight of the inter- and intra-modality alignment terms",
     }
     search_space = {"n_layers": [1, 2], "dropout": [0.3, 0.5], "reg_weight": [0.1, 0.01]}
@@ -71,37 +77,44 @@ class BM3(Recommender):
         d = config["embedding_size"]
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, d)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))
-        self.add_modality_projections(dataset, d)
+        # The raw features are parameters here: the reference fine-tunes them.
+        self.features = nn.ParameterList(
+            nn.Parameter(torch.from_numpy(dataset.features_for_model(name, trained=True)))
+            for name in dataset.modalities
+        )
+        self.projections = nn.ModuleList(nn.Linear(f.shape[1], d) for f in self.features)
         self.predictor = nn.Linear(d, d)
+        for layer in [self.predictor, *self.projections]:
+            nn.init.xavier_normal_(layer.weight)
         self.register_buffer("adjacency", to_torch(normalized_adjacency(dataset.train)), persistent=False)
 
-    def _encode(self):
+    def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(users, items) before the predictor; items carry their ID embedding as a residual."""
         ego = torch.cat([self.user_emb, self.item_emb])
         out = torch.stack(propagate(self.adjacency, ego, self.config["n_layers"])).mean(0)
-        return out[: self.n_users], out[self.n_users:]
+        return out[: self.n_users], out[self.n_users:] + self.item_emb
 
     def _target(self, h: torch.Tensor) -> torch.Tensor:
         return F.dropout(h.detach(), p=self.config["dropout"], training=True)
 
     def loss(self, batch):
         cfg = self.config
-        users, items = self._encode()
-        h_u, h_i = users[batch.users], items[batch.pos_items]
-        on_u, on_i = self.predictor(h_u), self.predictor(h_i)
-        tg_u, tg_i = self._target(h_u), self._target(h_i)
-        rec = negative_cosine(on_u, tg_i) + negative_cosine(tg_u, on_i)
+        users, items = self.encode()
+        on_u, on_i = self.predictor(users[batch.users]), self.predictor(items[batch.pos_items])
+        tg_u, tg_i = self._target(users)[batch.users], self._target(items)[batch.pos_items]
+        rec = cosine_distance(on_u, tg_i) + cosine_distance(on_i, tg_u)
 
-        align = mask = torch.zeros((), device=h_u.device)
-        for proj, feat in zip(self.projections, self.item_features()):
-            h_m = proj(feat[batch.pos_items])
-            on_m = self.predictor(h_m)
-            align = align + negative_cosine(on_m, tg_i)
-            mask = mask + negative_cosine(on_m, self._target(h_m))
+        align = mask = torch.zeros((), device=users.device)
+        for proj, feat in zip(self.projections, self.features):
+            h_m = proj(feat)
+            on_m = self.predictor(h_m[batch.pos_items])
+            align = align + cosine_distance(on_m, tg_i)
+            mask = mask + cosine_distance(on_m, self._target(h_m)[batch.pos_items])
 
-        reg = cfg["reg_weight"] * l2_penalty(on_u, on_i)
+        reg = cfg["reg_weight"] * embedding_norm_penalty(users, items)
         total = rec + cfg["cl_weight"] * (align + mask) + reg
         return total, {"rec": rec.item(), "align": align.item(), "mask": mask.item(), "reg": reg.item()}
 
     def embed(self):
-        users, items = self._encode()
+        users, items = self.encode()
         return self.predictor(users), self.predictor(items)

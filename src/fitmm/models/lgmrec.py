@@ -1,38 +1,44 @@
 """LGMRec (Guo et al., AAAI'24): local and global graph learning for multimodal recommendation.
 
-Written from the paper's description ("LGMRec: Local and Global Graph Learning for Multimodal
-Recommendation"); no code was taken from the authors' or MMRec's implementation.
+Follows the mechanisms of the reference implementation (MMRec `src/models/lgmrec.py`, from the
+authors' repository, and its `configs/model/LGMRec.yaml`), read mechanism by mechanism and
+re-written here; no code was copied.
 
 1. Local graph embeddings (decoupled):
    - collaborative: LightGCN over the normalised user-item graph on ID embeddings
      (n_ui_layers; mean of the layer outputs, layer 0 included);
-   - per modality: item rows are a linear projection of the (frozen) item features, user rows
-     start as the mean of their training items' projections; the pair propagates over the same
-     user-item graph (n_mm_layers; the last layer is kept).
+   - per modality: item rows are a bias-free linear map of the (frozen) item features, user rows
+     the mean of their training items' rows; the pair propagates over the same user-item graph
+     (n_mm_layers; the last layer is kept).
    Local embedding = collaborative + sum_m L2-normalise(modality embedding).
 2. Global hypergraph embeddings: per modality, hyper_num learnable hyperedges V^m living in the
-   feature space. Item-hyperedge dependencies H_i^m = softmax over hyperedges of X^m V^m^T
-   (Gumbel-softmax with temperature 1 in training, as the paper; plain softmax in evaluation so
-   that evaluation is deterministic); user-hyperedge dependencies H_u^m = R H_i^m (R: binary
-   training interactions). During training both are dropped out with keep probability
-   keep_rate (kept entries are scaled by 1/keep_rate). n_hyper_layers hypergraph layers start
-   from the collaborative item embeddings:
+   feature space. Item logits X^m V^m^T; user logits = R X^m V^m^T (R: binary training
+   interactions, so a user's logits are the SUM of its items' logits). Both are turned into
+   hyperedge assignments by a Gumbel-softmax with temperature `tau` (0.2), in training AND at
+   evaluation, as the reference does. Each assignment matrix is dropped out once per forward
+   pass (keep probability keep_rate, kept entries scaled by 1/keep_rate; training only), and the
+   same masked matrices serve every hypergraph layer. n_hyper_layers layers start from the
+   collaborative item embeddings:
        E_i <- H_i (H_i^T E_i),   E_u <- H_u (H_i^T E_i)
-   (each factor with its own dropout mask). Global embedding = sum over modalities.
+   Global embedding = sum over modalities.
 3. Final embedding = local + alpha * L2-normalise(global).
-4. Loss: BPR + cl_weight * hypergraph contrastive loss + reg_weight * L2 of the batch's ego ID
-   embeddings. The contrastive loss is InfoNCE (temperature tau) between the global embeddings
-   of two modalities for the batch's distinct users and distinct positive items, summed over
-   users and items and averaged over modality pairs; with a single modality it is 0.
+4. Loss: BPR on the final embeddings
+       + cl_weight * contrastive term + reg_weight * `embedding_norm_penalty` (Frobenius norms,
+         not squared, / batch) of the batch's FINAL user, positive and negative embeddings.
+   The contrastive term is InfoNCE (temperature tau) from the first modality's global embedding
+   to the second's, for every row of the batch (users; positive items), against ALL users
+   (all items) as candidates, SUMMED over the rows: its size is comparable with the BPR term at
+   cl_weight 1e-4.
 
-Interpretations: any number of modalities >= 1 (the paper has image and text); user modal
-embeddings are initialised from interacted items rather than learnt freely; the
-Gumbel noise is drawn only in training (config `gumbel`: false turns it off altogether).
+Deliberate differences:
+- Evaluation draws its Gumbel noise from a generator seeded with the config's seed, so that
+  `embed()` gives the same vectors every time (the reference draws fresh noise per evaluation).
+- Any number of modalities >= 1: with more than two, the contrastive term is averaged over the
+  ordered pairs (first, later) of modalities; with one it is 0 (the reference needs exactly two).
+- `gumbel: false` replaces the Gumbel-softmax by a plain softmax (an ablation; not in the reference).
 """
 
 from __future__ import annotations
-
-import itertools
 
 import numpy as np
 import scipy.sparse as sp
@@ -42,9 +48,24 @@ from torch import nn
 
 from ..graphs import normalized_adjacency, sparse_matmul, to_torch
 from ..config import AT_LEAST_0, AT_LEAST_1, Bound, POSITIVE
-from .base import Recommender, bpr_loss, l2_penalty, register
+from .base import Recommender, bpr_loss, embedding_norm_penalty, register
 from .lightgcn import propagate
-from .smore import info_nce
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """softmax((logits + g) / tau) over the last axis, g ~ Gumbel(0, 1) drawn from `generator`
+    (torch's global generator when None)."""
+    noise = -torch.empty_like(logits).exponential_(generator=generator).log()
+    return torch.softmax((logits + noise) / tau, dim=-1)
+
+
+def contrastive_sum(anchors: torch.Tensor, positives: torch.Tensor, candidates: torch.Tensor, tau: float) -> torch.Tensor:
+    """Sum over rows r of -log( exp(cos(a_r, p_r)/tau) / sum_j exp(cos(a_r, c_j)/tau) ).
+
+    The candidates c_j are ALL rows of the positive view (the positive itself among them)."""
+    a, p, c = F.normalize(anchors, dim=1), F.normalize(positives, dim=1), F.normalize(candidates, dim=1)
+    positive = (a * p).sum(1) / tau
+    return (torch.logsumexp(a @ c.T / tau, dim=1) - positive).sum()
 
 
 @register
@@ -77,12 +98,12 @@ class LGMRec(Recommender):
         "n_mm_layers": "modality local graph layers",
         "hyper_num": "hyperedges per modality",
         "n_hyper_layers": "hypergraph layers",
-        "keep_rate": "keep probability of the hyperedge-dependency dropout (training only)",
-        "gumbel": "Gumbel-softmax over hyperedges in training (plain softmax when false)",
+        "keep_rate": "keep probability of the hyperedge-assignment dropout (training only)",
+        "gumbel": "Gumbel-softmax hyperedge assignments (training and evaluation); plain softmax when false",
         "alpha": "weight of the global (hypergraph) embeddings",
-        "cl_weight": "weight of the contrastive term",
-        "reg_weight": "weight of the L2 penalty",
-        "tau": "temperature of the contrastive term",
+        "cl_weight": "weight of the contrastive term (summed over the batch's rows)",
+        "reg_weight": "weight of the norm penalty (not squared) on the batch's final embeddings",
+        "tau": "temperature of the Gumbel-softmax and of the contrastive term",
     }
     search_space = {
         "hyper_num": [4, 8, 16],
@@ -95,7 +116,14 @@ class LGMRec(Recommender):
         self.modalities = dataset.modalities
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, d)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))
-        self.add_modality_projections(dataset, d)
+        # Frozen features (buffers: data, not saved) and bias-free maps to the embedding width.
+        self.projections = nn.ModuleList()
+        for m, name in enumerate(dataset.modalities):
+            feat = torch.from_numpy(dataset.features_for_model(name))
+            self.register_buffer(f"item_features_{m}", feat, persistent=False)
+            proj = nn.Linear(feat.shape[1], d, bias=False)
+            nn.init.xavier_uniform_(proj.weight)
+            self.projections.append(proj)
         self.hyperedges = nn.ParameterList(
             nn.Parameter(nn.init.xavier_uniform_(torch.empty(config["hyper_num"], feat.shape[1])))
             for feat in self.item_features()
@@ -111,20 +139,29 @@ class LGMRec(Recommender):
 
     # -- hypergraph ---------------------------------------------------------------------------
 
-    def hyperedge_dependencies(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per modality (item-hyperedge I x A, user-hyperedge U x A), before dropout.
+    def _noise_generator(self) -> torch.Generator | None:
+        """None in training (the global, seeded stream); at evaluation a generator seeded with the
+        config's seed, so that every `embed()` gives the same vectors."""
+        if self.training:
+            return None
+        device = self.user_emb.device
+        return torch.Generator(device=device).manual_seed(self.config["seed"])
 
-        Gumbel-softmax over the A hyperedges in training (when `gumbel`), plain softmax otherwise.
-        """
+    def hyperedge_dependencies(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per modality (item assignments I x A, user assignments U x A), before dropout.
+
+        Item logits X V^T; user logits R X V^T (the sum of the user's items' logits); each row
+        through a Gumbel-softmax at temperature tau (a plain softmax when `gumbel` is false)."""
+        generator = self._noise_generator()
         out = []
         for feat, edges in zip(self.item_features(), self.hyperedges):
-            logits = feat @ edges.T
-            if self.training and self.config["gumbel"]:
-                items = F.gumbel_softmax(logits, tau=1.0, hard=False, dim=1)
+            item_logits = feat @ edges.T
+            user_logits = sparse_matmul(self.interactions, item_logits, self.interactions_t)
+            if self.config["gumbel"]:
+                pair = tuple(gumbel_softmax(x, self.config["tau"], generator) for x in (item_logits, user_logits))
             else:
-                items = torch.softmax(logits, dim=1)
-            users = sparse_matmul(self.interactions, items, self.interactions_t)
-            out.append((items, users))
+                pair = (torch.softmax(item_logits, dim=1), torch.softmax(user_logits, dim=1))
+            out.append(pair)
         return out
 
     def _drop(self, h: torch.Tensor) -> torch.Tensor:
@@ -134,11 +171,13 @@ class LGMRec(Recommender):
         """Per modality (users U x d, items I x d) after n_hyper_layers hypergraph layers."""
         out = []
         for h_items, h_users in self.hyperedge_dependencies():
+            # One dropout mask per assignment matrix and forward pass, shared by all layers.
+            h_items, h_users = self._drop(h_items), self._drop(h_users)
             items, users = item_local, None
             for _ in range(self.config["n_hyper_layers"]):
-                edges = self._drop(h_items).T @ items  # A x d hyperedge messages
-                users = self._drop(h_users) @ edges
-                items = self._drop(h_items) @ edges
+                edges = h_items.T @ items  # A x d hyperedge messages
+                users = h_users @ edges
+                items = h_items @ edges
             if users is None:  # no hypergraph layer: users have no global signal
                 users = torch.zeros(self.n_users, items.shape[1], device=items.device)
             out.append((users, items))
@@ -172,24 +211,28 @@ class LGMRec(Recommender):
         users, items, _ = self._forward()
         return users, items
 
+    def contrastive(self, globals_, batch) -> torch.Tensor:
+        """Modality a's global embedding -> modality b's, for the batch's users (candidates: all
+        users) and positive items (candidates: all items), summed over the batch's rows; averaged
+        over the pairs (first modality, later one)."""
+        tau = self.config["tau"]
+        pairs = [(0, b) for b in range(1, len(globals_))]
+        return sum(
+            contrastive_sum(globals_[a][0][batch.users], globals_[b][0][batch.users], globals_[b][0], tau)
+            + contrastive_sum(globals_[a][1][batch.pos_items], globals_[b][1][batch.pos_items], globals_[b][1], tau)
+            for a, b in pairs
+        ) / len(pairs)
+
     def loss(self, batch):
         cfg = self.config
         users, items, globals_ = self._forward()
-        u = users[batch.users]
-        rec = bpr_loss((u * items[batch.pos_items]).sum(1), (u * items[batch.neg_items]).sum(1))
-        reg = cfg["reg_weight"] * l2_penalty(
-            self.user_emb[batch.users], self.item_emb[batch.pos_items], self.item_emb[batch.neg_items]
-        )
+        u, p, n = users[batch.users], items[batch.pos_items], items[batch.neg_items]
+        rec = bpr_loss((u * p).sum(1), (u * n).sum(1))
+        reg = cfg["reg_weight"] * embedding_norm_penalty(u, p, n)
         total = rec + reg
         parts = {"bpr": rec.item(), "reg": reg.item()}
         if cfg["cl_weight"] and len(globals_) >= 2:
-            uu, ii = torch.unique(batch.users), torch.unique(batch.pos_items)
-            pairs = list(itertools.combinations(range(len(globals_)), 2))
-            cl = sum(
-                info_nce(globals_[a][0][uu], globals_[b][0][uu], cfg["tau"])
-                + info_nce(globals_[a][1][ii], globals_[b][1][ii], cfg["tau"])
-                for a, b in pairs
-            ) / len(pairs)
+            cl = self.contrastive(globals_, batch)
             total = total + cfg["cl_weight"] * cl
             parts["cl"] = cl.item()
         return total, parts

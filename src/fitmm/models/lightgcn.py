@@ -1,6 +1,10 @@
 """LightGCN (He et al., SIGIR'20): ID embeddings smoothed over the normalised user-item graph.
 
 The final embedding is the mean of the layer outputs E^0..E^L, with E^{l+1} = Â E^l.
+As the field's reference (MMRec `src/models/lightgcn.py`, `configs/model/LightGCN.yaml`):
+xavier-uniform ID tables; BPR on the final embeddings; penalty = reg_weight * Frobenius norms (NOT
+squared) of the batch's EGO user, positive and negative embeddings / batch
+(`base.embedding_norm_penalty`); defaults n_layers 1, reg_weight 1e-2, the yaml's first values.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from torch import nn
 
 from ..graphs import normalized_adjacency, sparse_matmul, to_torch
 from ..config import AT_LEAST_0, AT_LEAST_1
-from .base import Recommender, bpr_loss, l2_penalty, register
+from .base import Recommender, bpr_loss, embedding_norm_penalty, register
 
 
 def propagate(adjacency: torch.Tensor, x: torch.Tensor, n_layers: int) -> list[torch.Tensor]:
@@ -24,11 +28,11 @@ def propagate(adjacency: torch.Tensor, x: torch.Tensor, n_layers: int) -> list[t
 @register
 class LightGCN(Recommender):
     name = "lightgcn"
-    defaults = {"embedding_size": 64, "lr": 1e-3, "reg_weight": 1e-4, "n_layers": 3}
+    defaults = {"embedding_size": 64, "lr": 1e-3, "reg_weight": 1e-2, "n_layers": 1}
     bounds = {"embedding_size": AT_LEAST_1, "reg_weight": AT_LEAST_0, "n_layers": AT_LEAST_0}
     key_help = {
         "embedding_size": "embedding width",
-        "reg_weight": "weight of the batch L2 penalty on the ego embeddings",
+        "reg_weight": "weight of the norm penalty (not squared) on the batch's ego embeddings",
         "n_layers": "propagation layers over the user-item graph (0 = matrix factorisation)",
     }
 
@@ -48,7 +52,7 @@ class LightGCN(Recommender):
         users, items = self.forward()
         u = users[batch.users]
         rec = bpr_loss((u * items[batch.pos_items]).sum(1), (u * items[batch.neg_items]).sum(1))
-        reg = self.config["reg_weight"] * l2_penalty(
+        reg = self.config["reg_weight"] * embedding_norm_penalty(
             self.user_emb[batch.users], self.item_emb[batch.pos_items], self.item_emb[batch.neg_items]
         )
         return rec + reg, {"bpr": rec.item(), "reg": reg.item()}

@@ -17,9 +17,9 @@ What this file does, and the interpretations made:
 * `embedding_size` is the TOTAL width: half ID factors, half content space (32 + 32 by default).
 * f_i is the concatenation of ALL the dataset's content modalities (in the dataset's order), the raw
   features unchanged (float32). E is a bias-free linear layer (the paper's E has no bias).
-* The paper regularises every parameter (lambda_Theta, lambda_E). Here reg_weight times the usual
-  batch L2 (`base.l2_penalty`) covers the batch's gamma_u, theta_u, gamma_i, gamma_j and the
-  projected content vectors E f_i, E f_j (which regularises E along the directions the data uses).
+* Regulariser as the field's reference (MMRec `src/models/vbpr.py`): reg_weight times the Frobenius
+  norms (NOT squared) of the batch's whole user vectors [gamma_u, theta_u], positive and negative
+  item vectors [gamma_i, E f_i], [gamma_j, E f_j], over the batch (`base.embedding_norm_penalty`).
 * `score_parts` returns the ID part and the content part of the score separately; they sum to the
   full score.
 """
@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..config import AT_LEAST_0, Bound
-from .base import Recommender, bpr_loss, l2_penalty, register
+from .base import Recommender, bpr_loss, embedding_norm_penalty, register
 
 
 def concatenated_features(dataset) -> torch.Tensor:
@@ -50,7 +50,7 @@ class VBPR(Recommender):
     bounds = {"embedding_size": Bound(low=2), "reg_weight": AT_LEAST_0}
     key_help = {
         "embedding_size": "width of the ID factors plus the content factors (half each; even)",
-        "reg_weight": "weight of the batch L2 penalty",
+        "reg_weight": "weight of the norm penalty (not squared) on the batch's user and item vectors",
     }
     search_space = {"reg_weight": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
 
@@ -95,7 +95,9 @@ class VBPR(Recommender):
         pos = (g_u * g_i).sum(1) + (t_u * c_i).sum(1)
         neg = (g_u * g_j).sum(1) + (t_u * c_j).sum(1)
         rec = bpr_loss(pos, neg)
-        reg = self.config["reg_weight"] * l2_penalty(g_u, t_u, g_i, g_j, c_i, c_j)
+        reg = self.config["reg_weight"] * embedding_norm_penalty(
+            torch.cat([g_u, t_u], 1), torch.cat([g_i, c_i], 1), torch.cat([g_j, c_j], 1)
+        )
         return rec + reg, {"bpr": rec.item(), "reg": reg.item()}
 
     def embed(self):

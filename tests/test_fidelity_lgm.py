@@ -1,0 +1,205 @@
+"""Issue 13: LGMRec, BM3 and the field's EmbLoss (BPR, LightGCN, VBPR, LGMRec) follow the reference
+mechanisms. Each test pins one mechanism on a case small enough to check by hand."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fitmm.models.bm3  # noqa: F401  (registers the models)
+import fitmm.models.bpr  # noqa: F401
+import fitmm.models.lgmrec  # noqa: F401
+import fitmm.models.lightgcn  # noqa: F401
+import fitmm.models.vbpr  # noqa: F401
+from fitmm.config import resolve
+from fitmm.data import synthetic
+from fitmm.data.sampling import Batch, TrainSampler
+from fitmm.models import model_class
+from fitmm.models.base import embedding_norm_penalty
+from fitmm.models.lgmrec import contrastive_sum, gumbel_softmax
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return synthetic.generate(users=120, items=80, mean_interactions=10, feature_dims={"image": 12, "text": 8})
+
+
+def build(name, dataset, tmp_path, **overrides):
+    config = resolve([("test", {"model": name, "cache_dir": str(tmp_path / "cache"), **overrides})])
+    cls = model_class(name)
+    cls.check(dataset, config)
+    torch.manual_seed(0)
+    return cls(dataset, config)
+
+
+def batch_of(dataset, size=64):
+    return next(TrainSampler(dataset.train, seed=0).batches(size))
+
+
+# -- EmbLoss: Frobenius norms, not squared, over the rows of the last tensor ---------------------
+
+
+def test_embedding_norm_penalty_on_a_hand_case():
+    a = torch.tensor([[3.0, 0.0], [4.0, 0.0]])  # norm 5 (row norms would sum to 7, squares to 25)
+    b = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # norm 1
+    assert embedding_norm_penalty(a, b).item() == pytest.approx((5 + 1) / 2)
+
+
+@pytest.mark.parametrize("name, weight", [("bpr", 2.0), ("lightgcn", 1e-2)])
+def test_bpr_and_lightgcn_penalise_the_norms_of_the_batch_ego_embeddings(name, weight, dataset, tmp_path):
+    model = build(name, dataset, tmp_path, embedding_size=2)
+    assert model.config["reg_weight"] == weight  # the reference yaml's first value is the default
+    with torch.no_grad():
+        model.user_emb.copy_(torch.tensor([0.6, 0.8]).expand_as(model.user_emb))  # unit rows
+        model.item_emb.copy_(torch.tensor([1.0, 0.0]).expand_as(model.item_emb))
+    batch = batch_of(dataset, size=64)
+    _, parts = model.loss(batch)
+    # three 64 x 2 tables of unit rows: each has norm sqrt(64) = 8; (8 + 8 + 8) / 64
+    assert parts["reg"] == pytest.approx(weight * 24 / 64, rel=1e-6)
+
+
+def test_vbpr_penalises_the_norms_of_its_whole_user_and_item_vectors(dataset, tmp_path):
+    model = build("vbpr", dataset, tmp_path, reg_weight=1.0)
+    batch = batch_of(dataset, size=64)
+    _, parts = model.loss(batch)
+    with torch.no_grad():
+        users, items = model.embed()  # [ID factors, content factors] side by side
+    expected = sum(t.norm().item() for t in (users[batch.users], items[batch.pos_items], items[batch.neg_items])) / 64
+    assert parts["reg"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_lgmrec_penalises_the_norms_of_the_batch_final_embeddings(dataset, tmp_path):
+    model = build("lgmrec", dataset, tmp_path, reg_weight=1.0)
+    model.eval()  # no dropout; the evaluation's Gumbel noise is seeded, so embed() repeats it
+    batch = batch_of(dataset, size=64)
+    _, parts = model.loss(batch)
+    with torch.no_grad():
+        users, items = model.embed()
+    expected = sum(t.norm().item() for t in (users[batch.users], items[batch.pos_items], items[batch.neg_items])) / 64
+    assert parts["reg"] == pytest.approx(expected, rel=1e-5)
+
+
+# -- LGMRec: contrastive term ----------------------------------------------------------------
+
+
+def test_contrastive_sum_on_a_hand_case():
+    e = torch.eye(3)
+    # each row: cos 1 with itself, 0 with the two others -> -log(e^5 / (e^5 + 2)) at tau 0.2
+    per_row = math.log(1 + 2 * math.exp(-5))
+    assert contrastive_sum(e, e, e, 0.2).item() == pytest.approx(3 * per_row, rel=1e-5)
+    # rows of a batch are summed as they come (a repeated row counts twice), against ALL candidates
+    assert contrastive_sum(e[[0, 0]], e[[0, 0]], e, 0.2).item() == pytest.approx(2 * per_row, rel=1e-5)
+    # scaling a vector changes nothing (cosines)
+    assert contrastive_sum(3 * e, e, 0.5 * e, 0.2).item() == pytest.approx(3 * per_row, rel=1e-5)
+
+
+def test_lgmrec_contrastive_term_is_summed_over_the_batch_and_the_size_of_bpr(dataset, tmp_path):
+    model = build("lgmrec", dataset, tmp_path)
+    batch = batch_of(dataset, size=64)
+    twice = Batch(users=batch.users.repeat(2), pos_items=batch.pos_items.repeat(2), neg_items=batch.neg_items.repeat(2))
+    torch.manual_seed(1)
+    _, parts = model.loss(batch)
+    torch.manual_seed(1)  # the same Gumbel noise and dropout masks (they do not depend on the batch)
+    _, parts2 = model.loss(twice)
+    assert parts2["cl"] == pytest.approx(2 * parts["cl"], rel=1e-5)  # a sum over rows, not a mean
+    # each row's InfoNCE is at most 2 / tau + log(candidates) and at least 0; summed over 64 users
+    # and 64 items it is far above one row's value, and cl_weight 1e-4 keeps it beside BPR
+    assert 64 < parts["cl"] < 2 * 64 * (2 / 0.2 + math.log(120))
+    cl_term = model.config["cl_weight"] * parts["cl"]
+    assert 1e-3 * parts["bpr"] < cl_term < 10 * parts["bpr"]
+
+
+# -- LGMRec: Gumbel-softmax assignments --------------------------------------------------------
+
+
+def test_gumbel_softmax_temperature_and_noise():
+    logits = torch.log(torch.tensor([0.7, 0.2, 0.1])).expand(20000, 3).contiguous()
+    out = gumbel_softmax(logits, 0.2, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out.sum(1), torch.ones(20000))
+    # Gumbel-max: the arg max falls on each hyperedge with its softmax probability
+    freq = torch.bincount(out.argmax(1), minlength=3).float() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.015, rtol=0)
+    # the same noise with logit 0 raised by 1: its log-ratio to the others rises by 1 / tau = 5
+    shifted = logits.clone()
+    shifted[:, 0] += 1.0
+    out2 = gumbel_softmax(shifted, 0.2, torch.Generator().manual_seed(3))
+    delta = (out2[:5, 0] / out2[:5, 1]).log() - (out[:5, 0] / out[:5, 1]).log()
+    torch.testing.assert_close(delta, torch.full((5,), 5.0), atol=1e-3, rtol=1e-4)
+
+
+def test_lgmrec_assignments_are_gumbel_softmax_of_item_and_summed_user_logits(dataset, tmp_path):
+    model = build("lgmrec", dataset, tmp_path)
+    model.eval()
+    deps = model.hyperedge_dependencies()
+    # evaluation: the noise comes from a generator seeded with the run's seed, items then users
+    generator = torch.Generator().manual_seed(model.config["seed"])
+    r = torch.from_numpy(dataset.train.toarray()).float()
+    for (items, users), feat, edges in zip(deps, model.item_features(), model.hyperedges):
+        item_logits = feat @ edges.T
+        user_logits = r @ item_logits  # the SUM of the user's items' logits
+        for logits, got in ((item_logits, items), (user_logits, users)):
+            g = -torch.empty_like(logits).exponential_(generator=generator).log()
+            torch.testing.assert_close(got, torch.softmax((logits + g) / 0.2, dim=1), atol=1e-5, rtol=1e-4)
+    again = model.hyperedge_dependencies()
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(deps, again))
+    # training draws fresh noise
+    model.train()
+    fresh = model.hyperedge_dependencies()
+    assert not torch.allclose(fresh[0][0], deps[0][0])
+
+
+def test_lgmrec_one_dropout_mask_per_assignment_matrix_shared_by_the_layers(dataset, tmp_path):
+    model = build("lgmrec", dataset, tmp_path, n_hyper_layers=2, gumbel=False)
+    model.train()
+    e = model.item_emb.detach()
+    torch.manual_seed(5)
+    got = model.global_embeddings(e)
+    torch.manual_seed(5)
+    for (h_i, h_u), (users, items) in zip(model.hyperedge_dependencies(), got):
+        m_i, m_u = F.dropout(h_i, 0.5), F.dropout(h_u, 0.5)  # drawn once, items then users
+        x = e
+        for _ in range(2):
+            edges = m_i.T @ x
+            u, x = m_u @ edges, m_i @ edges
+        torch.testing.assert_close(items, x)
+        torch.testing.assert_close(users, u)
+
+
+# -- BM3 -----------------------------------------------------------------------------------
+
+
+def test_bm3_item_vector_adds_the_id_embedding_to_the_graph_readout(dataset, tmp_path):
+    model = build("bm3", dataset, tmp_path, n_layers=0)
+    users, items = model.encode()
+    torch.testing.assert_close(users, model.user_emb)
+    torch.testing.assert_close(items, 2 * model.item_emb)  # readout (layer 0 alone) + residual
+    model = build("bm3", dataset, tmp_path, n_layers=1)
+    users, items = model.encode()
+    ego = torch.cat([model.user_emb, model.item_emb]).detach()
+    adj = model.adjacency.to_dense()
+    readout = (ego + adj @ ego) / 2
+    torch.testing.assert_close(items.detach(), readout[dataset.n_users:] + model.item_emb.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_bm3_regulariser_on_a_hand_case(dataset, tmp_path):
+    model = build("bm3", dataset, tmp_path, n_layers=0, embedding_size=2)
+    assert model.config["dropout"] == 0.3 and model.config["reg_weight"] == 0.1
+    with torch.no_grad():
+        model.user_emb.zero_()
+        model.item_emb.zero_()
+        model.user_emb[0] = torch.tensor([3.0, 4.0])  # whole user table: norm 5
+        model.item_emb[0] = torch.tensor([0.5, 0.0])  # items = 2 x ID embedding: norm 1
+    _, parts = model.loss(batch_of(dataset))
+    assert parts["reg"] == pytest.approx(0.1 * (5 + 1) / dataset.n_items, rel=1e-6)
+
+
+def test_bm3_raw_features_are_trained(dataset, tmp_path):
+    model = build("bm3", dataset, tmp_path)
+    before = [f.detach().clone() for f in model.features]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    batch = batch_of(dataset)
+    loss, _ = model.loss(Batch(users=batch.users, pos_items=batch.pos_items, neg_items=None))
+    loss.backward()
+    optimizer.step()
+    assert all(not torch.equal(b, f) for b, f in zip(before, model.features))

@@ -5,10 +5,16 @@ For each model, in the order given:
     (keys pinned by --set excepted) is trained with the FIRST seed, and the combination with the
     best VALIDATION metric (config key `valid_metric`) is kept. Test metrics play no part in it.
     --grid-max N turns a bigger grid into a random search over N of its points (see sample_points).
+    A space with ranges (FITMM's) has no grid: --grid runs that model's defaults and says so.
+  * with --search N, `fitmm search` (search.py: Optuna, N finished trials, the first seed) explores
+    the model's `search_space` instead, in search/<model>/, and its best trial's configuration is
+    kept; the trials never evaluate test, so the kept configuration is trained with EVERY seed.
   * the kept configuration is then trained with every seed. Runs use selection=clean: test is
     evaluated once per run, on the best validation checkpoint.
 
 Bench folder (every file written atomically; the command can be re-run to continue it):
+    search/<model>/               with --search: that model's `fitmm search` folder (study.db, trials/,
+                                  trials.md, best.yaml, importance.png)
     runs/<model>/<hash>-s<seed>/  one `fitmm train` run directory per (model, configuration, seed);
                                   <hash> is a short stable hash of overrides.json inside it (the data,
                                   the --set values and the grid point: what differs from the defaults)
@@ -41,6 +47,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import runio
+from . import search as hpsearch
 from .config import BASE_DEFAULTS, resolve
 from .data import load as load_dataset
 from .errors import InputError
@@ -202,6 +209,8 @@ class ModelPlan:
     grid_size: int = 1  # points in the model's whole grid (more than len(points) with --grid-max)
     tried: list[dict] = field(default_factory=list)  # per point: {"point", "hash", "valid", "run"}
     selected: int = 0
+    search: Any = None  # with --search: the model's search.Search (None: nothing to search)
+    note: str = ""  # why the model ran its defaults although a search was asked for
 
 
 def make_cell(out: Path, plan: ModelPlan, index: int, seed: int, shared: dict[str, Any]) -> Cell:
@@ -321,10 +330,16 @@ def _p(p: float | None) -> str:
     return NONE if p is None else f"{p:.3g}"
 
 
-def results_markdown(rows: list[dict], data: str, shared: dict[str, Any], grid: bool, valid_metric: str) -> str:
+def results_markdown(rows: list[dict], data: str, shared: dict[str, Any], grid: bool, valid_metric: str,
+                     search: int | None = None) -> str:
     first = rows[0]["model"]
-    chosen = (f"grid search on validation {valid_metric} with seed {rows[0]['seeds'][0]} (selection.md)"
-              if grid else "model defaults")
+    if search is not None:
+        chosen = (f"Optuna search of {search} trials on validation {valid_metric} with seed {rows[0]['seeds'][0]} "
+                  f"(selection.md, search/<model>/trials.md)")
+    elif grid:
+        chosen = f"grid search on validation {valid_metric} with seed {rows[0]['seeds'][0]} (selection.md)"
+    else:
+        chosen = "model defaults"
     settings = ", ".join(f"{k}={format_value(v)}" for k, v in shared.items()) or "none"
     head = ["model", "config", "seeds"] + [METRIC_LABELS[m] for m in METRICS] + [f"p vs {first}"]
     lines = [
@@ -363,8 +378,14 @@ def results_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def selection_markdown(plans: list[ModelPlan], valid_metric: str, first_seed: int, grid: bool = True) -> str:
-    if grid:
+def selection_markdown(plans: list[ModelPlan], valid_metric: str, first_seed: int, grid: bool = True,
+                       search: int | None = None) -> str:
+    if search is not None:
+        how = (f"Each model with a search space was tuned by `fitmm search` in search/<model>/ ({search} finished "
+               f"trials, TPE sampler and median pruning, seed {first_seed}) on validation {valid_metric}; the "
+               "trials never evaluate test. The completed trials are listed; search/<model>/trials.md has "
+               "every trial (pruned ones too) and the parameter importances. Keys fixed with --set are not searched.")
+    elif grid:
         how = (f"Each configuration was trained with seed {first_seed}; the one with the best validation "
                f"{valid_metric} was kept (ties: the first). Test metrics play no part in the choice. "
                "Keys fixed with --set are not searched.")
@@ -373,6 +394,8 @@ def selection_markdown(plans: list[ModelPlan], valid_metric: str, first_seed: in
     lines = ["# Configuration selection", "", how]
     for plan in plans:
         lines += ["", f"## {plan.model}", ""]
+        if plan.note:
+            lines += [plan.note, ""]
         if len(plan.points) < plan.grid_size:
             lines += [f"Random search: {len(plan.points)} of the grid's {plan.grid_size} points (--grid-max; the "
                       "defaults' point included when the grid holds it, the rest drawn with a fixed seed).", ""]
@@ -414,8 +437,34 @@ def _write_text(path: Path, text: str) -> None:
 # -- the command ------------------------------------------------------------------------------
 
 
+def search_model(out: Path, plan: ModelPlan, dataset, seeds: list[int], shared: dict[str, Any], trials: int,
+                 run: Callable[[Cell, str], dict], log: Callable[[str], None]) -> list[tuple[int, Path, dict]]:
+    """--search: `fitmm search` picks the model's configuration on validation (its trials never see
+    test), then that configuration is trained with every seed, test evaluated once per run."""
+    folder = out / "search" / plan.model
+    log(f"{plan.model}: search of {trials} trials in {folder.relative_to(out)}")
+    result = hpsearch.run_search(plan.search, dataset, folder, trials, log=log, rerun_best=False)
+    complete = [r for r in result["trials"] if r["state"] == "complete" and r["same_as"] is None]
+    plan.points = [r["point"] for r in complete]
+    plan.configs = [model_config(plan.model, shared, point, seeds[0], plan.configs[0]["data"]) for point in plan.points]
+    plan.selected = [r["number"] for r in complete].index(result["best"])
+    cells = [make_cell(out, plan, plan.selected, seed, shared) for seed in seeds]
+    plan.tried = [{"point": r["point"], "valid": r["value"], "run": f"search/{plan.model}/trials/{r['number']:04d}",
+                   "hash": config_hash(cells[0].overrides) if r["number"] == result["best"] else ""}
+                  for r in complete]
+    log(f"  {plan.model}: selected trial {result['best']} ({format_point(result['point'])}, "
+        f"valid {result['value']:.4f})")
+    return [(cell.seed, cell.run_dir, run(cell, "")) for cell in cells]
+
+
+def ranges(search_space: dict[str, Any], pinned=()) -> list[str]:
+    """The keys of a search space given as ranges (not lists), which a grid cannot enumerate."""
+    return [k for k, v in search_space.items() if k not in pinned and not isinstance(v, list)]
+
+
 def plan_bench(
     models: list[str], seeds: list[int], shared: dict[str, Any], data: str, grid: bool, grid_max: int | None = None,
+    search: int | None = None,
 ) -> list[ModelPlan]:
     """Resolve every configuration that will run; raises InputError before anything is written."""
     for key in shared:
@@ -423,12 +472,31 @@ def plan_bench(
             raise InputError(f"--set {key}=...: fitmm bench sets '{key}' itself; {RESERVED[key]}")
     if grid_max is not None and not grid:
         raise InputError("--grid-max limits the grid search: give it together with --grid")
+    if search is not None:
+        if grid:
+            raise InputError("give either --grid or --search N, not both")
+        if search < 1:
+            raise InputError(f"--search: the number of trials must be >= 1, got {search}")
+        hpsearch.require_optuna()
     plans = []
     for model in models:
-        full = grid_points(model_class(model).search_space, pinned=shared) if grid else [{}]
+        space = model_class(model).search_space
+        note = ""
+        if grid and ranges(space, pinned=shared):
+            full = [{}]
+            note = (f"Its search space has ranges ({', '.join(ranges(space, pinned=shared))}), which a grid cannot "
+                    f"list: --grid ran its defaults; `--search N` explores them.")
+        else:
+            full = grid_points(space, pinned=shared) if grid else [{}]
         points = full if grid_max is None else sample_points(full, grid_max, _defaults(model), model)
         configs = [model_config(model, shared, point, seeds[0], data) for point in points]
-        plans.append(ModelPlan(model, points, configs, grid_size=len(full)))
+        plan = ModelPlan(model, points, configs, grid_size=len(full), note=note)
+        if search is not None:
+            plan.search = hpsearch.plan_search(model, data, seeds[0], shared)
+            if not plan.search.space:
+                plan.search = None
+                plan.note = "Nothing to search (an empty search space, or every key fixed with --set): its defaults ran."
+        plans.append(plan)
     missing = [m for m in METRICS if int(m.split("@")[1]) not in plans[0].configs[0]["topk"]]
     if missing:
         raise InputError(f"config key 'topk': fitmm bench reports {', '.join(METRICS)}; topk must include 10 and 20")
@@ -444,6 +512,7 @@ def run_bench(
     grid: bool = False,
     log: Callable[[str], None] = _log,
     grid_max: int | None = None,
+    search: int | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) a bench in `out`; returns {"rows": per-model results, "table": results.md}."""
     out = Path(out)
@@ -454,16 +523,18 @@ def run_bench(
         raise InputError("expected at least one seed")
     if data != "synthetic":
         data = str(Path(data).expanduser().resolve())  # stored absolute, like `fitmm train`
-    plans = plan_bench(models, seeds, shared, data, grid, grid_max)
+    plans = plan_bench(models, seeds, shared, data, grid, grid_max, search)
     dataset = load_dataset(plans[0].configs[0])  # data keys are shared: one dataset for every model
     for plan in plans:
         for config in plan.configs:
             check_run(config, dataset)
+        if plan.search is not None:
+            hpsearch.check_search(plan.search, dataset)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder; choose another --out")
     valid_metric = plans[0].configs[0]["valid_metric"]
 
-    total = sum(len(plan.points) + len(seeds) - 1 for plan in plans)
+    total = sum(len(seeds) if plan.search else len(plan.points) + len(seeds) - 1 for plan in plans)
     done = 0
 
     def run(cell: Cell, what: str) -> dict[str, Any]:
@@ -476,6 +547,11 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[tuple[int, Path, dict]]] = {}
     for plan in plans:
+        if plan.search is not None:
+            runs[plan.model] = search_model(out, plan, dataset, seeds, shared, search, run, log)
+            _write_text(out / "selection.md", selection_markdown([p for p in plans if p.tried], valid_metric, seeds[0],
+                                                                 grid, search))
+            continue
         searching = len(plan.points) > 1
         first: dict[int, tuple[Cell, dict]] = {}
         for i in range(len(plan.points)):
@@ -490,7 +566,8 @@ def run_bench(
         if searching:
             log(f"  {plan.model}: selected {format_point(plan.points[plan.selected])} "
                 f"(valid {valid_metric} {plan.tried[plan.selected]['valid']:.4f})")
-        _write_text(out / "selection.md", selection_markdown([p for p in plans if p.tried], valid_metric, seeds[0], grid))
+        _write_text(out / "selection.md", selection_markdown([p for p in plans if p.tried], valid_metric, seeds[0],
+                                                             grid, search))
         cell, summary = first[plan.selected]
         runs[plan.model] = [(seeds[0], cell.run_dir, summary)]
         for seed in seeds[1:]:
@@ -498,7 +575,7 @@ def run_bench(
             runs[plan.model].append((seed, cell.run_dir, run(cell, "")))
 
     rows = aggregate(plans, runs, seeds)
-    table = results_markdown(rows, data, shared, grid, valid_metric)
+    table = results_markdown(rows, data, shared, grid, valid_metric, search)
     _write_text(out / "results.md", table)
     _write_text(out / "results.csv", results_csv(rows))
     if plot_bench(rows, out / "bench.png", dataset.name):

@@ -258,12 +258,29 @@ def cmd_bench(args) -> int:
     shared = parse_set(args.set or [])
     try:
         result = run_bench(args.out, models, seeds, shared, data=args.data or "synthetic", grid=args.grid,
-                           grid_max=args.grid_max)
+                           grid_max=args.grid_max, search=args.search)
     except KeyboardInterrupt:
         print(f"fitmm: interrupted; finished runs are kept: run the same `fitmm bench` command to continue {args.out}",
               file=sys.stderr)
         return 130
     print(result["table"], end="")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .search import DEFAULT_SEED, DEFAULT_TRIALS, search_command
+
+    try:
+        result = search_command(args.model, args.data, args.out, DEFAULT_TRIALS if args.trials is None else args.trials,
+                                DEFAULT_SEED if args.seed is None else args.seed, parse_set(args.set or []),
+                                space_file=args.space, storage=args.storage, study=args.study)
+    except KeyboardInterrupt:
+        print(f"fitmm: interrupted; finished trials are kept: run the same `fitmm search` command to continue "
+              f"{args.out}", file=sys.stderr)
+        return 130
+    print(f"{args.model}: best of {len(result['trials'])} trials: trial {result['best']}, valid "
+          f"{result['config']['valid_metric']} {result['value']:.4f}; its config: {args.out}/best.yaml")
+    print("re-run with test: " + result_line(result["summary"], result["config"], Path(args.out) / "best"))
     return 0
 
 
@@ -364,9 +381,26 @@ def make_parser() -> argparse.ArgumentParser:
                    "the best on validation (keys given with --set are not searched)")
     p.add_argument("--grid-max", type=int, metavar="N", help="with --grid: search at most N points per model "
                    "(its defaults plus a fixed random sample of the rest), for grids too big to train in full")
+    p.add_argument("--search", type=int, metavar="N", help="instead of --grid: tune each model with `fitmm search` "
+                   "(Optuna, N finished trials on validation, the first seed; extra 'search'), then run every seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config key for every model (repeatable)")
     p.add_argument("--out", required=True, help="bench folder; re-run the same command to continue it")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("search", help="hyper-parameter search on validation with Optuna (extra 'search'); "
+                       "best.yaml, trials.md, importance.png; resumable")
+    p.add_argument("--model", required=True, help="the model to tune")
+    p.add_argument("--data", required=True, help="MMRec dataset folder, or 'synthetic'")
+    p.add_argument("--out", required=True, help="search folder; re-run the same command to continue it")
+    p.add_argument("--space", metavar="SPACE.yaml", help="search space file (default: the model's own search_space)")
+    p.add_argument("--trials", type=int, metavar="N", help="finished trials the study should hold (default 20)")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage URL shared by several machines, e.g. "
+                   "postgresql://user:pw@host/db (default: sqlite file OUT/study.db)")
+    p.add_argument("--study", metavar="NAME", help="study name in the storage (default: MODEL-DATASET)")
+    p.add_argument("--seed", type=int, help="seed of the sampler and of every trial's training (default 1)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config key fixed for every trial (repeatable); "
+                   "a searched key given here is not searched")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("config", help="list every config key with its default, meaning and range")
     p.add_argument("--model", help="only the keys of this model's runs")
@@ -426,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "path", None) is not None:
         args.data = args.path
-    if getattr(args, "func", None) in (cmd_train, cmd_evaluate, cmd_bench):
+    if getattr(args, "func", None) in (cmd_train, cmd_evaluate, cmd_bench, cmd_search):
         from .train import keep_freed_memory
 
         keep_freed_memory()

@@ -328,11 +328,16 @@ def make_optimizer(model, config):
 
 
 def train(config: dict[str, Any], dataset: Dataset, run_dir: str | Path, resume: bool = False, *,
-          lock: runio.RunLock | None = None, allow_data_change: bool = False) -> dict[str, Any]:
+          lock: runio.RunLock | None = None, allow_data_change: bool = False, callbacks=(),
+          evaluate_test: bool = True) -> dict[str, Any]:
     """Train `config["model"]` on `dataset`, writing the run directory; returns the summary.
 
     `lock`: the run directory's lock, when the caller holds it (the CLI creates the folder locked);
     otherwise the folder is created if needed and locked here, for the call's duration.
+    `callbacks`: objects with any of `on_evaluation(epoch, results)` (after each validation; may
+    raise to stop the run, e.g. optuna.TrialPruned) and `on_epoch_end(epoch, record)` (after the
+    epoch's log line). `evaluate_test=False` (hyper-parameter search trials): test is never
+    evaluated, and summary.json's "test" is null.
     With `resume`, `config` may differ from the saved one in `epochs` (to extend a run) and `data`
     (a moved folder with the same fingerprint); `allow_data_change` accepts different data."""
     run_dir = Path(run_dir)
@@ -342,13 +347,20 @@ def train(config: dict[str, Any], dataset: Dataset, run_dir: str | Path, resume:
             run_dir.mkdir(parents=True, exist_ok=True)
         own_lock = runio.lock_run_dir(run_dir)
     try:
-        return _train(config, dataset, run_dir, resume, allow_data_change)
+        return _train(config, dataset, run_dir, resume, allow_data_change, callbacks, evaluate_test)
     finally:
         if own_lock is not None:
             own_lock.release()
 
 
-def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_change: bool) -> dict[str, Any]:
+def _call(callbacks, hook: str, *args) -> None:
+    for callback in callbacks:
+        if hasattr(callback, hook):
+            getattr(callback, hook)(*args)
+
+
+def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_change: bool, callbacks=(),
+           evaluate_test: bool = True) -> dict[str, Any]:
     use_threads(config)
     device = pick_device(config["device"])
     log_path = run_dir / "log.jsonl"
@@ -366,6 +378,8 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
     sampler = TrainSampler(dataset.train, seed=config["seed"])
     optimizer = make_optimizer(model, config)
     mmrec = config["selection"] == "mmrec"
+    if mmrec and not evaluate_test:
+        raise InputError("config key 'selection': mmrec evaluates test at every epoch; use selection=clean")
     metric = config["valid_metric"]
     ks = config["topk"]
     state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_evals": 0}
@@ -422,6 +436,7 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
             results = evaluate(model, dataset, ["valid", "test"] if mmrec else ["valid"], ks, config["eval_batch_size"])
             record["eval_seconds"] = time.perf_counter() - start
             record.update(results)
+            _call(callbacks, "on_evaluation", epoch, results)
             score = results["valid"][metric]
             if score > state["best"]:  # strictly better, as in the protocol
                 state.update(best=score, best_epoch=epoch, bad_evals=0)
@@ -435,6 +450,7 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
         # a line newer than last.pt, which resume drops and re-runs. The other order would leave a
         # checkpointed epoch with no line in the log.
         runio.append_jsonl(log_path, record)
+        _call(callbacks, "on_epoch_end", epoch, record)
         if state["epoch"] == epoch:
             # Tensors, numbers, strings and containers only: runio.load_torch reads it with weights_only.
             runio.save_torch(run_dir / "last.pt", {
@@ -449,11 +465,12 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
         if state["bad_evals"] > config["patience"]:
             break
     progress.close()
-    return finish(config, dataset, model, run_dir, device, data_json)
+    return finish(config, dataset, model, run_dir, device, data_json, evaluate_test)
 
 
-def finish(config, dataset, model, run_dir: Path, device, data_json: dict) -> dict[str, Any]:
-    """Evaluate the best checkpoint on validation and test once; write summary.json and plots."""
+def finish(config, dataset, model, run_dir: Path, device, data_json: dict, evaluate_test: bool = True) -> dict[str, Any]:
+    """Evaluate the best checkpoint on validation and test (unless `evaluate_test` is False) once;
+    write summary.json and plots."""
     best_path = run_dir / "best.pt"
     best_epoch = 0
     if best_path.exists():
@@ -461,7 +478,8 @@ def finish(config, dataset, model, run_dir: Path, device, data_json: dict) -> di
     else:  # nothing trained (most-popular, or epochs = 0): the model as built is the result
         runio.save_torch(best_path, {"model": model.state_dict(), "epoch": 0, "model_name": config["model"]})
     start = time.perf_counter()
-    per_user = evaluate_per_user(model, dataset, ["valid", "test"], config["topk"], config["eval_batch_size"])
+    splits = ["valid", "test"] if evaluate_test else ["valid"]
+    per_user = evaluate_per_user(model, dataset, splits, config["topk"], config["eval_batch_size"])
     eval_seconds = time.perf_counter() - start
     results = {split: summarize(values) for split, values in per_user.items()}
     # Per-user metrics allow paired significance tests between runs on the same data.
@@ -481,7 +499,7 @@ def finish(config, dataset, model, run_dir: Path, device, data_json: dict) -> di
         "seconds_per_epoch": statistics.median(train_seconds) if train_seconds else 0.0,
         "eval_seconds": eval_seconds,
         "valid": results["valid"],
-        "test": results["test"],
+        "test": results.get("test"),
     }
     if data_json.get("history"):  # trained on more than one dataset (resumed with --allow-data-change)
         summary["data_changes"] = [

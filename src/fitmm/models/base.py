@@ -50,8 +50,10 @@ class Recommender(nn.Module):
     key_help: ClassVar[dict[str, str]] = {}
     # Allowed values of string keys in `defaults` (checked before anything is written).
     choices: ClassVar[dict[str, tuple]] = {}
-    # Hyper-parameter grid for searches: {config key: [values]} (the field's usual grid).
-    search_space: ClassVar[dict[str, list]] = {}
+    # Hyper-parameters to tune: {config key: [values]} (a finite set: the field's usual grid, which
+    # `fitmm bench --grid` trains in full) or {config key: {type: float|int, low, high, log}} (a
+    # range, which only `fitmm search` / `bench --search` can explore); format in search.py.
+    search_space: ClassVar[dict[str, Any]] = {}
     # Models without negatives (e.g. BM3) set this False and the sampler skips drawing them.
     uses_negatives: ClassVar[bool] = True
     # Models with nothing to learn (most-popular) set this False and are only evaluated.

@@ -106,6 +106,19 @@ class FITMM(Recommender):
         "cl_weight": "weight of the spectral consistency loss",
         "cl_tau": "temperature of the consistency loss",
     }
+    # What `fitmm search` tunes (issue 14), around the released configuration: every key the paper
+    # or the released code exposes as a knob of the method, ablation-only settings (gate off, one
+    # band, no item graph) left out. A list is a finite set, a mapping a range (search.py).
+    search_space = {
+        "lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
+        "ib_weight": {"type": "float", "low": 1e-3, "high": 10.0, "log": True},
+        "cl_weight": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
+        "num_bands": [2, 3, 4, 6],
+        "gate": ["pos", "dual"],
+        "train_features": [True, False],
+        "knn_k": [5, 10, 20, 40],
+        "modality_weights": {"type": "weights"},
+    }
     choices = {
         "gate": ("pos", "dual", "off"),
         "ib_mode": ("pos", "dual"),

@@ -52,6 +52,26 @@ def test_training_items_are_masked_and_held_out_items_counted():
     np.testing.assert_allclose(valid["recall@2"], [1.0, 1.0])
 
 
+def test_evaluate_reports_the_mean_of_each_metric_and_nothing_else():
+    """The per-user "user" ids are not a metric: evaluate's summary has exactly the metric keys."""
+    ds = _ds(train=[(0, 0), (1, 1), (2, 2)], valid=[(0, 4), (1, 2)], test=[(0, 3), (1, 4), (1, 5)], n_items=6)
+    model = FixedScores(ds, np.array([[9, 1, 2, 8, 3, 0], [0, 9, 5, 1, 2, 3], [0, 0, 9, 0, 0, 0]]))
+    result = evaluate(model, ds, ["test"], [1, 2])
+    assert set(result["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map", "hit") for k in (1, 2)}
+    assert result["test"]["recall@1"] == 0.5  # users 0 (hit at rank 1) and 1 (miss)
+
+
+def test_batch_users_bounds_the_rows_scored_at_once():
+    """The caller's chunk size reaches the scoring loop (it bounds the evaluator's memory)."""
+    ds = _ds(train=[(0, 0), (1, 1), (2, 2)], valid=[(0, 4), (1, 2), (2, 3)], test=[(0, 3), (1, 4), (2, 5)], n_items=6)
+    model = FixedScores(ds, np.arange(18).reshape(3, 6) % 5)
+    seen = []
+    model.score = lambda u, i: seen.append(len(u)) or u @ i.T
+    evaluate(model, ds, ["valid", "test"], [1], batch_users=2)
+    rank_split(model, model.embed(), ds, "test", [1], batch_users=1)
+    assert seen == [2, 1, 1, 1, 1]
+
+
 def test_users_without_training_rows_are_dropped():
     ds = _ds(train=[(0, 0)], valid=[(0, 1), (1, 2)], test=[(1, 3)], n_items=4)
     assert list(evaluated_users(ds, "valid")) == [0]

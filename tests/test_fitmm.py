@@ -202,3 +202,62 @@ def test_fitmm_learns_and_beats_most_popular(tmp_path):
     pop = json.loads((tmp_path / "pop" / "summary.json").read_text())
     fit = json.loads((tmp_path / "fitmm" / "summary.json").read_text())
     assert fit["test"]["recall@20"] > 1.2 * pop["test"]["recall@20"]
+
+
+def test_bfloat16_setting_runs_the_feature_mlps_in_bfloat16(tmp_path):
+    """Closeness to float32 (above) would also hold if the setting were ignored: check the dtype."""
+    for precision, expected in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        model, _ = make(tmp_path, feature_precision=precision)
+        seen = []
+        model.mlps[0][0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        items = model._item_ego(model.mlps[0], model.features[0])
+        assert seen == [expected] and items.dtype == torch.float32
+
+
+def test_gate_scale_init_reaches_both_gates(tmp_path):
+    model, _ = make(tmp_path, gate_scale_init=0.2)
+    assert model.user_gate.scale.item() == pytest.approx(0.2) and model.item_gate.scale.item() == pytest.approx(0.2)
+
+
+def test_modality_weights_reach_the_item_and_user_graphs(tmp_path):
+    from fitmm.knn import user_knn_graph
+    from tiny import S_IMAGE, tiny_dataset
+
+    model, _ = make(tmp_path, tiny_dataset(), modality_weights={"image": 1.0, "text": 0.0}, knn_k=2, user_knn_k=2, embedding_size=4)
+    np.testing.assert_allclose(model.item_graph.to_dense().numpy(), S_IMAGE)  # the default would mix in 0.9 S_text
+    ds = small_dataset()
+    weights = {"image": 0.8, "text": 0.2}
+    model, _ = make(tmp_path, ds, user_graph=True, modality_weights=weights)
+    expected = user_knn_graph(ds.train, ds.features, 10, weights).toarray()
+    assert not np.allclose(expected, user_knn_graph(ds.train, ds.features, 10, None).toarray())
+    np.testing.assert_allclose(model.user_graph.to_dense().numpy(), expected)
+
+
+def test_cached_item_graphs_of_different_datasets_do_not_collide(tmp_path):
+    from tiny import tiny_dataset
+
+    first, _ = make(tmp_path, tiny_dataset(), knn_k=2, user_knn_k=2, embedding_size=4)
+    other = tiny_dataset()
+    other.features["image"] = other.features["image"][::-1].copy()  # same shape, other content
+    second, _ = make(tmp_path, other, knn_k=2, user_knn_k=2, embedding_size=4)
+    assert list((tmp_path / "cache").iterdir())  # both went through the same on-disk cache
+    assert not torch.equal(first.item_graph.to_dense(), second.item_graph.to_dense())
+
+
+@pytest.mark.parametrize("key", ["knn_k", "user_knn_k"])
+def test_knn_sizes_start_at_one(tmp_path, key):
+    from tiny import tiny_dataset
+
+    sizes = {"knn_k": 2, "user_knn_k": 2}
+    make(tmp_path, tiny_dataset(), embedding_size=4, **{**sizes, key: 1})  # accepted: each node keeps only itself
+    with pytest.raises(InputError, match=f"^config key '{key}': must be >= 1, got 0$"):
+        make(tmp_path, tiny_dataset(), embedding_size=4, **{**sizes, key: 0})
+
+
+def test_a_k_above_the_node_count_matters_only_when_its_graph_is_built(tmp_path):
+    from tiny import tiny_dataset  # 3 users, 4 items
+
+    make(tmp_path, tiny_dataset(), embedding_size=4, knn_k=2)  # user graph off: user_knn_k 10 > 3 users is unused
+    make(tmp_path, tiny_dataset(), embedding_size=4, knn_k=9, item_graph=False)  # likewise knn_k without the item graph
+    with pytest.raises(InputError, match="'user_knn_k': must be at most the number of users \\(3\\), got 10"):
+        make(tmp_path, tiny_dataset(), embedding_size=4, knn_k=2, user_graph=True)

@@ -9,7 +9,18 @@ import torch
 from fitmm import runio
 
 
-def test_ctrl_c_during_a_checkpoint_write_leaves_the_file_whole_then_interrupts(tmp_path):
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT handled as in a Python started normally: raise KeyboardInterrupt. Python installs that
+    handler only when SIGINT is not ignored at startup, and it is in a background job of a script
+    (`nohup pytest &`) or under any parent that ignores SIGINT, so the test sets the handler itself
+    and puts the previous disposition back afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_a_checkpoint_write_leaves_the_file_whole_then_interrupts(tmp_path, ctrl_c_raises):
     path = tmp_path / "last.pt"
     state = {"weights": torch.arange(100_000, dtype=torch.float32)}
 

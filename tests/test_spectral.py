@@ -394,3 +394,103 @@ def test_uniform_ce_hand_written_backward_passes_gradcheck():
     # and the plain definition: mean over rows of -mean log softmax
     expected = -torch.log_softmax(z @ z.T / 0.7, dim=-1).mean()
     torch.testing.assert_close(_uniform_ce(z, 0.7), expected)
+
+
+# ---------------------------------------------------------------- pinned by mutation testing
+# Each test below kills mutants that survived the tests above (docs/testing.md, Mutation testing).
+
+
+@pytest.mark.parametrize("bad", [2.0, True])
+def test_band_sizes_refuses_non_integers_with_its_message(bad):
+    with pytest.raises(ValueError, match=f"^num_bands must be an integer, got {bad!r}$"):
+        band_sizes(4, bad)
+
+
+def test_single_band_projector_is_the_identity_in_the_input_dtype_and_batch_shape():
+    p = band_projectors(torch.randn(5, 3, dtype=torch.float64, generator=gen(1)), 1)
+    assert p.dtype == torch.float64 and p.shape == (1, 3, 3)
+    batched = band_projectors(torch.randn(2, 5, 3, generator=gen(2)), 1)
+    assert batched.shape == (2, 1, 3, 3)
+    assert torch.equal(batched, torch.eye(3).expand(2, 1, 3, 3))
+
+
+def test_two_bands_and_one_column_edge_cases():
+    y, _, _ = with_spectrum(7, [3.0, 2.0, 1.0, 0.5])
+    assert_close(band_split(y, 2), svd_bands(y, 2), atol=1e-9)
+    assert torch.equal(band_split(torch.ones(3, 1), 1), torch.ones(1, 3, 1))  # d = 1 allows M = 1
+    with pytest.raises(ValueError, match="num_bands must satisfy"):
+        band_split(torch.ones(3, 0), 1)  # d = 0 has no direction at all
+    x = torch.cat([y, with_spectrum(7, [2.0, 1.5, 1.0, 0.1], seed=1)[0]], dim=1)
+    expected = torch.cat([svd_bands(x[:, :4], 2), svd_bands(x[:, 4:], 2)], dim=2)
+    assert_close(modality_band_split(x, 4, 2), expected, atol=1e-9)
+    assert torch.equal(modality_band_split(x[:, :2], 1, 1), x[None, :, :2])  # 1-column chunks, one band
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_bad_chunk_messages(chunk):
+    message = f"^feature dim 8 is not a positive multiple of chunk={chunk}$"
+    with pytest.raises(ValueError, match=message):
+        modality_band_split(torch.ones(3, 8), chunk, 2)
+    with pytest.raises(ValueError, match=message):
+        cross_modal_consistency(torch.ones(2, 3, 8), chunk)
+
+
+def test_bad_mode_messages():
+    with pytest.raises(ValueError, match=r"^gate mode must be one of \('pos', 'dual', 'off'\), got 'both'$"):
+        ResidualGate(4, 2, "both")
+    with pytest.raises(ValueError, match=r"^ib mode must be one of \('pos', 'dual', 'off'\), got 'both'$"):
+        ib_loss(torch.ones(2, 2), mode="both")
+
+
+def test_float64_gram_resolves_the_small_singular_values_of_a_float32_input():
+    """Eigenvalues are squared singular values: 3e-4 and 1e-4 give 9e-8 and 1e-8, below float32's
+    resolution relative to 1. The default float64 Gram separates them; a float32 Gram cannot, and
+    the gram_dtype option must reach the projectors."""
+    y, _, _ = with_spectrum(40, [1.0, 0.5, 3e-4, 1e-4])
+    y32 = y.float()
+    reference = svd_bands(y32.double(), 4)
+    assert_close(band_split(y32, 4).double(), reference, atol=1e-7, rtol=0)
+    assert (band_split(y32, 4, gram_dtype=torch.float32).double() - reference).abs().max() > 1e-6
+    x = torch.cat([y32, y32], dim=1)
+    both = torch.cat([reference, reference], dim=2)
+    assert_close(modality_band_split(x, 4, 4).double(), both, atol=1e-7, rtol=0)
+    assert (modality_band_split(x, 4, 4, gram_dtype=torch.float32).double() - both).abs().max() > 1e-6
+
+
+def _uniform_ce_reference(z, tau):
+    s = (z.double() @ z.double().T) / tau
+    return (torch.logsumexp(s, dim=1) - s.mean(dim=1)).mean()
+
+
+def test_uniform_term_is_stable_for_rows_of_very_different_scale():
+    """The log-sum-exp shift is per row: one global shift would underflow the small row to log 0."""
+    band = torch.tensor([[30.0, 0.0], [0.1, 0.0]])
+    bands = torch.stack([band, band])  # identical bands: only the upper band's uniform term is left
+    out = cross_band_consistency(bands, tau=0.01)
+    assert torch.isfinite(out)
+    assert out.item() == pytest.approx(_uniform_ce_reference(band, 0.01).item() / 2, rel=1e-6)
+
+
+def _cross_modal_reference(bands, chunk, tau):
+    """The docstring's formula, with plain loops: per band, ordered chunk pairs' mean (cos - 1)^2,
+    the uniform term for bands b >= M // 2, all divided by C (C - 1) M."""
+    m, _, dim = bands.shape
+    c = dim // chunk
+    total = 0.0
+    for b in range(m):
+        parts = [bands[b, :, k * chunk:(k + 1) * chunk].double() for k in range(c)]
+        for i in range(c):
+            for j in range(c):
+                if i != j:
+                    cos = torch.nn.functional.cosine_similarity(parts[i], parts[j], dim=1)
+                    total += ((cos - 1) ** 2).mean().item()
+        if b >= m // 2:
+            total += _uniform_ce_reference(bands[b], tau).item()
+    return total / (c * (c - 1) * m)
+
+
+@pytest.mark.parametrize("m, chunk", [(2, 3), (4, 3), (2, 1)])
+def test_cross_modal_against_a_loop_reference(m, chunk):
+    bands = torch.randn(m, 5, 6, generator=gen(m))
+    expected = _cross_modal_reference(bands, chunk, 0.5)
+    assert cross_modal_consistency(bands, chunk, tau=0.5).item() == pytest.approx(expected, rel=1e-5)

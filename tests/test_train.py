@@ -80,6 +80,14 @@ def test_evaluate_reproduces_the_saved_run(tmp_path, capsys):
     assert again["test"] == summary["test"] and again["valid"] == summary["valid"]
 
 
+def default_ctrl_c() -> None:
+    """Run in the child between fork and exec: SIGINT back to its default disposition. A child
+    inherits an ignored SIGINT (pytest as a script's background job, `nohup pytest &`), and Python
+    then never installs the handler that turns Ctrl-C into KeyboardInterrupt: the SIGINT below
+    would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     """A real interruption: SIGINT to a training process, then --resume; same numbers as no interruption."""
     args = ["model=lightgcn", "epochs=25", "patience=100"]
@@ -88,7 +96,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     out = tmp_path / "interrupted"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "fitmm", "train", "--out", str(out), *small_args(*args)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_ctrl_c)
     log = out / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

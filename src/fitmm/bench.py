@@ -219,8 +219,9 @@ def make_cell(out: Path, plan: ModelPlan, index: int, seed: int, shared: dict[st
     return Cell(plan.model, plan.points[index], seed, config, overrides, cell_dir(out, plan.model, overrides, seed))
 
 
-def run_cell(cell: Cell, dataset, log: Callable[[str], None] = _log) -> dict[str, Any]:
-    """The cell's summary: read when the run finished earlier, otherwise trained (or resumed)."""
+def run_cell(cell: Cell, dataset, log: Callable[[str], None] = _log, callbacks: Callable | None = None) -> dict[str, Any]:
+    """The cell's summary: read when the run finished earlier, otherwise trained (or resumed).
+    `callbacks(config, run_dir, resume)`: the trainer callbacks of a run it trains (tracking)."""
     run_dir = cell.run_dir
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
@@ -233,7 +234,9 @@ def run_cell(cell: Cell, dataset, log: Callable[[str], None] = _log) -> dict[str
         log("  removing an unfinished start (no last.pt) and starting again")
         shutil.rmtree(run_dir)
     runio.write_json(run_dir / "overrides.json", cell.overrides)
-    return train(cell.config, dataset, run_dir, resume=resume)
+    if callbacks is None:
+        return train(cell.config, dataset, run_dir, resume=resume)
+    return train(cell.config, dataset, run_dir, resume=resume, callbacks=callbacks(cell.config, run_dir, resume))
 
 
 def select_best(scores: list[float]) -> int:
@@ -438,12 +441,13 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def search_model(out: Path, plan: ModelPlan, dataset, seeds: list[int], shared: dict[str, Any], trials: int,
-                 run: Callable[[Cell, str], dict], log: Callable[[str], None]) -> list[tuple[int, Path, dict]]:
+                 run: Callable[[Cell, str], dict], log: Callable[[str], None],
+                 callbacks: Callable | None = None) -> list[tuple[int, Path, dict]]:
     """--search: `fitmm search` picks the model's configuration on validation (its trials never see
     test), then that configuration is trained with every seed, test evaluated once per run."""
     folder = out / "search" / plan.model
     log(f"{plan.model}: search of {trials} trials in {folder.relative_to(out)}")
-    result = hpsearch.run_search(plan.search, dataset, folder, trials, log=log, rerun_best=False)
+    result = hpsearch.run_search(plan.search, dataset, folder, trials, log=log, rerun_best=False, callbacks=callbacks)
     complete = [r for r in result["trials"] if r["state"] == "complete" and r["same_as"] is None]
     plan.points = [r["point"] for r in complete]
     plan.configs = [model_config(plan.model, shared, point, seeds[0], plan.configs[0]["data"]) for point in plan.points]
@@ -513,8 +517,10 @@ def run_bench(
     log: Callable[[str], None] = _log,
     grid_max: int | None = None,
     search: int | None = None,
+    callbacks: Callable | None = None,
 ) -> dict[str, Any]:
-    """Run (or continue) a bench in `out`; returns {"rows": per-model results, "table": results.md}."""
+    """Run (or continue) a bench in `out`; returns {"rows": per-model results, "table": results.md}.
+    `callbacks`: see run_cell."""
     out = Path(out)
     shared = dict(shared or {})
     if not models:
@@ -542,13 +548,13 @@ def run_bench(
         done += 1
         log(f"[{done}/{total}] {cell.model} ({format_point(cell.point)}) seed {cell.seed}{what}: "
             f"{cell.run_dir.relative_to(out)}")
-        return run_cell(cell, dataset, log)
+        return run_cell(cell, dataset, log, callbacks)
 
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[tuple[int, Path, dict]]] = {}
     for plan in plans:
         if plan.search is not None:
-            runs[plan.model] = search_model(out, plan, dataset, seeds, shared, search, run, log)
+            runs[plan.model] = search_model(out, plan, dataset, seeds, shared, search, run, log, callbacks)
             _write_text(out / "selection.md", selection_markdown([p for p in plans if p.tried], valid_metric, seeds[0],
                                                                  grid, search))
             continue

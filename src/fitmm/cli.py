@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -70,13 +72,48 @@ def data_path(run_dir: Path, config: dict, new_path: str | None) -> dict:
     return config
 
 
+def launch_processes(args) -> int:
+    """`fitmm train --nproc N ...`: the same command in N processes through torchrun's own launcher
+    (standalone rendezvous on this machine); returns the exit code of the first rank that failed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from .distributed import env_world_size
+
+    if env_world_size() > 1:
+        raise InputError("--nproc: this process already runs under torchrun; drop --nproc (torchrun's "
+                         "--nproc_per_node sets the number of processes)")
+    if args.nproc < 1:
+        raise InputError(f"--nproc: must be at least 1, got {args.nproc}")
+    argv, rest = [], list(args.argv)
+    while rest:  # the same command line, less --nproc
+        token = rest.pop(0)
+        if token == "--nproc":
+            rest.pop(0)
+        elif not token.startswith("--nproc="):
+            argv.append(token)
+    # torchrun would give each process 1 thread (and say so); a fair share of the cores instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={args.nproc}", "-m", "fitmm", *argv]))
+    except ChildFailedError as exc:
+        return exc.get_first_failure()[1].exitcode or 1
+    return 0
+
+
 def cmd_train(args) -> int:
     import shutil
 
-    from . import data, runio
+    from . import data, distributed, runio
     from .train import check_run, train
 
-    lock, created = None, False
+    if args.nproc is not None and args.nproc != 1:
+        return launch_processes(args)
+    if args.track:
+        from .tracking import require_mlflow
+
+        require_mlflow()  # a missing extra is known before anything loads
+    lock, created, callbacks = None, False, []
     if args.resume:
         run_dir = Path(args.resume)
         overrides = resume_overrides(args)
@@ -86,7 +123,9 @@ def cmd_train(args) -> int:
         saved = read_config_file(run_dir / "config.yaml")
         config = resolve([(f"{run_dir}/config.yaml", saved), ("--set", overrides)])
         config = data_path(run_dir, config, args.data)
-        lock = runio.lock_run_dir(run_dir)  # before the data loads: a second resume learns at once
+        context = distributed.setup(config["device"])  # under torchrun: join the other ranks
+        if context.main:  # only the main rank holds the run directory
+            lock = runio.lock_run_dir(run_dir)  # before the data loads: a second resume learns at once
     else:
         if args.allow_data_change:
             raise InputError("--allow-data-change only goes with --resume (or fitmm evaluate)")
@@ -95,25 +134,38 @@ def cmd_train(args) -> int:
         run_dir = Path(args.out)
         runio.check_new_run_dir(run_dir)  # cheap: before the data loads
         config = build_config(args)
+        context = distributed.setup(config["device"])
     try:
         dataset = data.load(config)
         check_run(config, dataset)  # all validation happens before the run directory is created
         dataset.lend_features = True  # one run, one model: it may fine-tune the features without a copy
-        if lock is None:
+        context.barrier()  # every rank has checked the new run directory before the main rank creates it
+        if lock is None and context.main:
             lock = runio.create_run_dir(run_dir)
             created = True
+        if args.track and context.main:
+            from .tracking import MlflowTracker
+
+            callbacks.append(MlflowTracker(config, run_dir, resume=bool(args.resume)))
         summary = train(config, dataset, run_dir, resume=bool(args.resume), lock=lock,
-                        allow_data_change=args.allow_data_change)
+                        allow_data_change=args.allow_data_change, callbacks=callbacks)
+        # The main rank returns last (it writes the run's files): leaving the group together keeps
+        # gloo from aborting a process whose peer is still at work.
+        context.barrier()
     except BaseException:
         # A run that failed (or was interrupted) before its first checkpoint holds nothing of value
         # and could not be resumed: remove it, so the same command can simply be run again.
         if created and not (run_dir / "last.pt").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
+        for callback in callbacks:  # a tracked run that failed is marked so in MLflow
+            callback.close("FAILED")
         raise
     finally:
         if lock is not None:
             lock.release()
-    print(json.dumps(summary, indent=2) if args.json else result_line(summary, config, run_dir))
+        distributed.teardown()
+    if context.main:
+        print(json.dumps(summary, indent=2) if args.json else result_line(summary, config, run_dir))
     return 0
 
 
@@ -246,6 +298,11 @@ def cmd_report(args) -> int:
         missing = [m for m in metrics if m not in s[args.split]]
         if missing:
             raise InputError(f"{s['run']}: no metric {missing[0]} in summary.json; choose from {', '.join(s[args.split])}")
+    if args.html:
+        from .report_html import write_html
+
+        print(f"wrote {write_html(args.run_dirs, args.html, metrics)}")
+        return 0
     print(markdown_table(summaries, metrics, args.split))
     return 0
 
@@ -256,9 +313,22 @@ def cmd_bench(args) -> int:
     models = parse_models(args.models)
     seeds = parse_seeds(args.seeds, args.seed_list)
     shared = parse_set(args.set or [])
+    tracked = contextlib.nullcontext()
+    callbacks = None
+    if args.track:
+        from . import tracking
+
+        tracking.require_mlflow()
+        uri = shared.get("tracking_uri", BASE_DEFAULTS["tracking_uri"])
+        # One parent run for the bench; each trained run is nested in it.
+        tracked = tracking.parent_run(uri, f"bench {Path(args.out).name}",
+                                      {"models": ",".join(models), "seeds": ",".join(map(str, seeds)),
+                                       "data": args.data or "synthetic", "grid": args.grid, **shared})
+        callbacks = tracking.nested_trackers
     try:
-        result = run_bench(args.out, models, seeds, shared, data=args.data or "synthetic", grid=args.grid,
-                           grid_max=args.grid_max, search=args.search)
+        with tracked:
+            result = run_bench(args.out, models, seeds, shared, data=args.data or "synthetic", grid=args.grid,
+                               grid_max=args.grid_max, search=args.search, callbacks=callbacks)
     except KeyboardInterrupt:
         print(f"fitmm: interrupted; finished runs are kept: run the same `fitmm bench` command to continue {args.out}",
               file=sys.stderr)
@@ -273,7 +343,8 @@ def cmd_search(args) -> int:
     try:
         result = search_command(args.model, args.data, args.out, DEFAULT_TRIALS if args.trials is None else args.trials,
                                 DEFAULT_SEED if args.seed is None else args.seed, parse_set(args.set or []),
-                                space_file=args.space, storage=args.storage, study=args.study)
+                                space_file=args.space, storage=args.storage, study=args.study,
+                                track=args.track == "mlflow")
     except KeyboardInterrupt:
         print(f"fitmm: interrupted; finished trials are kept: run the same `fitmm search` command to continue "
               f"{args.out}", file=sys.stderr)
@@ -340,6 +411,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-data-change", action="store_true",
                    help="with --resume: go on although the data differs from the run's (recorded in summary.json)")
     p.add_argument("--json", action="store_true", help="print the whole summary as JSON instead of one line")
+    p.add_argument("--nproc", type=int, metavar="N", help="train in N processes (data-parallel, through "
+                   "torchrun's launcher on this machine; each takes batch_size rows of every N x batch_size "
+                   "batch); same as `torchrun --standalone --nproc_per_node=N -m fitmm train ...`")
+    p.add_argument("--track", choices=["mlflow"], help="log params, per-epoch metrics and the run's files to "
+                   "MLflow (extra 'track'; where: --set tracking_uri=..., default ./mlruns)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="re-evaluate a saved run's best checkpoint on validation and test")
@@ -369,6 +445,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--metrics", default="recall@20,ndcg@20", help="comma-separated, e.g. recall@10,ndcg@10")
     p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--html", metavar="OUT.html", help="write one self-contained page instead: comparison table, "
+                   "training curves and, for FITMM, band energy, gate distributions and band weights")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="train several models over several seeds; mean ± std table with significance tests")
@@ -385,6 +463,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "(Optuna, N finished trials on validation, the first seed; extra 'search'), then run every seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config key for every model (repeatable)")
     p.add_argument("--out", required=True, help="bench folder; re-run the same command to continue it")
+    p.add_argument("--track", choices=["mlflow"], help="log the bench as one MLflow run with each trained run "
+                   "nested in it (extra 'track'; where: --set tracking_uri=..., default ./mlruns)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("search", help="hyper-parameter search on validation with Optuna (extra 'search'); "
@@ -397,6 +477,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", metavar="URL", help="Optuna storage URL shared by several machines, e.g. "
                    "postgresql://user:pw@host/db (default: sqlite file OUT/study.db)")
     p.add_argument("--study", metavar="NAME", help="study name in the storage (default: MODEL-DATASET)")
+    p.add_argument("--track", choices=["mlflow"], help="log the search as one MLflow run with each trial "
+                   "nested in it (extra 'track'; where: --set tracking_uri=..., default ./mlruns)")
     p.add_argument("--seed", type=int, help="seed of the sampler and of every trial's training (default 1)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config key fixed for every trial (repeatable); "
                    "a searched key given here is not searched")
@@ -458,6 +540,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` relaunches the same command
     if getattr(args, "path", None) is not None:
         args.data = args.path
     if getattr(args, "func", None) in (cmd_train, cmd_evaluate, cmd_bench, cmd_search):
@@ -467,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except InputError as exc:
-        print(f"fitmm: error: {exc}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun every process reports; say which one
+        print(f"fitmm: error{'' if rank == '0' else f' (rank {rank})'}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         out = getattr(args, "resume", None) or getattr(args, "out", None)

@@ -76,6 +76,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "valid_metric": "recall@20",
     "progress": True,
     "cache_dir": "auto",
+    "tracking_uri": "mlruns",
     # The built-in synthetic dataset (used when data == "synthetic").
     "synthetic_users": 1500,
     "synthetic_items": 1000,
@@ -126,6 +127,7 @@ KEY_HELP: dict[str, str] = {
     "valid_metric": "metric@K that early stopping and the best checkpoint follow; K must be in topk",
     "progress": "show a progress bar",
     "cache_dir": "folder of cached kNN graphs; auto = $XDG_CACHE_HOME/fitmm or ~/.cache/fitmm, none = no cache",
+    "tracking_uri": "with --track mlflow: a folder (local MLflow file store) or an MLflow server's URI",
     "synthetic_users": "synthetic data: number of users",
     "synthetic_items": "synthetic data: number of items",
     "synthetic_clusters": "synthetic data: taste clusters users and items are drawn around",

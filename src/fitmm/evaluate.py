@@ -38,17 +38,23 @@ def rank_splits(
     splits: list[str],
     ks: list[int],
     batch_users: int = 1024,
+    users_part=None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """{split: per-user metric arrays (plus "user": the evaluated user ids)} for several splits.
 
     Every split masks the same (training) items, so a user's top-K list is the same for all of
     them: each chunk of users is scored and ranked ONCE, then checked against each split.
+    `users_part`: sorted user ids -> the contiguous share of them to rank here (distributed
+    evaluation: each process ranks its share; concatenated in order, the shares give the whole).
     """
     user_vecs, item_vecs = embeddings
     device = item_vecs.device
     k_max = min(max(ks), dataset.n_items)
     users = {split: evaluated_users(dataset, split) for split in splits}
     everyone = np.unique(np.concatenate(list(users.values())))
+    if users_part is not None:
+        everyone = users_part(everyone)
+        users = {split: u[np.isin(u, everyone)] for split, u in users.items()}
     top_all = np.zeros((len(everyone), k_max), dtype=np.int64)
     for start in range(0, len(everyone), batch_users):
         chunk = everyone[start:start + batch_users]
@@ -84,12 +90,14 @@ def summarize(per_user: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_per_user(model: Recommender, dataset: Dataset, splits: list[str], ks: list[int], batch_users: int = 1024):
-    """{split: per-user metric arrays (and "user")} for each split, from ONE call of model.embed()."""
+def evaluate_per_user(model: Recommender, dataset: Dataset, splits: list[str], ks: list[int], batch_users: int = 1024,
+                      users_part=None):
+    """{split: per-user metric arrays (and "user")} for each split, from ONE call of model.embed()
+    (`users_part`: see rank_splits)."""
     was_training = model.training
     model.eval()
     embeddings = model.embed()
-    out = rank_splits(model, embeddings, dataset, splits, ks, batch_users)
+    out = rank_splits(model, embeddings, dataset, splits, ks, batch_users, users_part)
     model.train(was_training)
     return out
 

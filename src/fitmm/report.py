@@ -11,7 +11,7 @@ import yaml
 from .errors import InputError
 
 # Keys that cannot change a run's numbers: runs differing only in these (and the seed) are pooled.
-NOT_GROUPED = ("seed", "progress", "cache_dir")
+NOT_GROUPED = ("seed", "progress", "cache_dir", "tracking_uri")
 
 
 def read_summaries(run_dirs: list[str | Path]) -> list[dict]:

@@ -390,9 +390,11 @@ def run_search(
     study_name: str | None = None,
     log: Callable[[str], None] = _log,
     rerun_best: bool = True,
+    callbacks: Callable | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) a search into `out`; returns {"best": the best trial's number, "value", "point",
-    "config", "trials": rows of trials.md, "summary": the winner's re-run summary (or None)}."""
+    "config", "trials": rows of trials.md, "summary": the winner's re-run summary (or None)}.
+    `callbacks(config, run_dir, resume)`: more trainer callbacks for each trial (MLflow tracking)."""
     optuna = require_optuna()
     if trials < 0:
         raise InputError(f"--trials: must be >= 0, got {trials}")
@@ -406,12 +408,13 @@ def run_search(
     try:
         if shared is None:
             shared = open_storage(optuna, f"sqlite:///{(out / STUDY_FILE).resolve()}")
-        return _run_search(optuna, search, dataset, out, trials, shared, bool(storage), study_name, log, rerun_best)
+        return _run_search(optuna, search, dataset, out, trials, shared, bool(storage), study_name, log, rerun_best,
+                           callbacks)
     finally:
         lock.release()
 
 
-def _run_search(optuna, search, dataset, out, trials, storage, is_shared, study_name, log, rerun_best):
+def _run_search(optuna, search, dataset, out, trials, storage, is_shared, study_name, log, rerun_best, callbacks):
     name = study_name or f"{search.model}-{dataset.name}"
     study = optuna.create_study(
         storage=storage, study_name=name, direction="maximize", load_if_exists=True,
@@ -443,15 +446,20 @@ def _run_search(optuna, search, dataset, out, trials, storage, is_shared, study_
         log(f"  trial {trial.number} ({_format_point(point)}): {run_dir}")
         if run_dir.exists():  # a leftover of a study whose storage was reset
             shutil.rmtree(run_dir)
+        config = search.config(point)
+        trackers = callbacks(config, run_dir, False) if callbacks else []
         try:
-            summary = train(search.config(point), dataset, run_dir, callbacks=[Pruning(optuna, trial, metric)],
+            summary = train(config, dataset, run_dir, callbacks=[Pruning(optuna, trial, metric), *trackers],
                             evaluate_test=False)
-        except KeyboardInterrupt:
-            trial.set_user_attr("interrupted", True)
+        except BaseException as exc:
+            for tracker in trackers:  # a pruned trial is KILLED in MLflow, anything else FAILED
+                tracker.close("KILLED" if isinstance(exc, optuna.TrialPruned) else "FAILED")
+            if isinstance(exc, KeyboardInterrupt):
+                trial.set_user_attr("interrupted", True)
+            if isinstance(exc, FloatingPointError):  # diverged (lr too high): a poor point, not a broken search
+                trial.set_user_attr("diverged", str(exc))
+                raise optuna.TrialPruned(str(exc)) from None
             raise
-        except FloatingPointError as exc:  # diverged (lr too high): a poor point, not a broken search
-            trial.set_user_attr("diverged", str(exc))
-            raise optuna.TrialPruned(str(exc)) from None
         trial.set_user_attr("epochs", summary["epochs_run"])
         trial.set_user_attr("best_epoch", summary["best_epoch"])
         return summary["valid"][metric]
@@ -610,8 +618,10 @@ def rerun(config: dict[str, Any], dataset, run_dir: Path, log) -> dict[str, Any]
 
 
 def search_command(model: str, data: str, out: str, trials: int, seed: int, fixed: dict[str, Any],
-                   space_file: str | None = None, storage: str | None = None, study: str | None = None) -> dict[str, Any]:
-    """`fitmm search`: every check first, then the search."""
+                   space_file: str | None = None, storage: str | None = None, study: str | None = None,
+                   track: bool = False) -> dict[str, Any]:
+    """`fitmm search`: every check first, then the search; `track`: one MLflow run for the search
+    with each trial nested in it."""
     require_optuna()
     space = read_space_file(space_file) if space_file else None
     if data != "synthetic":
@@ -622,7 +632,15 @@ def search_command(model: str, data: str, out: str, trials: int, seed: int, fixe
         why = "every key of its search space is fixed with --set" if search.pinned else "an empty search space"
         raise InputError(f"model '{model}' has nothing to search ({why}); give a --space file")
     dataset = load_dataset(search.config({}))
-    return run_search(search, dataset, out, trials, storage, study)
+    if not track:
+        return run_search(search, dataset, out, trials, storage, study)
+    from . import tracking
+
+    tracking.require_mlflow()
+    uri = search.config({})["tracking_uri"]
+    with tracking.parent_run(uri, f"search {Path(out).name}", {"model": model, "data": data, "trials": trials,
+                                                               "seed": seed, **fixed}):
+        return run_search(search, dataset, out, trials, storage, study, callbacks=tracking.nested_trackers)
 
 
 __all__ = ["Param", "Search", "parse_space", "plan_search", "read_space_file", "run_search", "search_command"]

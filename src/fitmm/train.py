@@ -12,6 +12,16 @@ Run directory (written only by `train`, each file atomically; one process at a t
     per_user.npz  per-user valid and test metrics of the best checkpoint ("test/recall@20", "test/user", ...)
     curves.png    training loss and validation metric per epoch (when matplotlib is installed)
     .lock         locked (flock) by the process training the run; holds its pid
+
+Under torchrun (distributed.py) every rank runs this loop on its slice of each batch; only the
+main rank writes the run directory and calls the callbacks.
+
+Callbacks (`train(..., callbacks=[...])`): objects with any of the optional methods
+    on_evaluation(epoch, results)   after each validation; results = {"valid": {metric: value}}
+                                    (and "test" in mmrec mode). Raising stops the run (pruning).
+    on_epoch_end(epoch, record)     after each epoch's log line and checkpoint are written (record = that line)
+    on_finish(summary)              after summary.json is written
+Tracking (tracking.py) and searches hang on this hook; the loop knows nothing about them.
 """
 
 from __future__ import annotations
@@ -30,12 +40,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import runio
+from . import distributed, runio
 from .config import read_config_file
 from .data.dataset import SPLITS, Dataset
 from .data.sampling import TrainSampler
 from .errors import InputError, quote
-from .evaluate import evaluate, evaluate_per_user, evaluated_users, summarize
+from .evaluate import evaluate_per_user, evaluated_users, summarize
 from .models import model_class
 
 
@@ -281,21 +291,24 @@ class Progress:
             self.bar.close()
 
 
-def train_step(model, batch, optimizer):
-    """One optimiser step on one batch; returns (loss, loss parts).
+def train_step(model, batch, optimizer, loss_fn=None):
+    """One optimiser step on one batch; returns (loss, loss parts). `loss_fn`: what computes
+    the loss (default model.loss; under DDP the DistributedDataParallel wrapper around it).
 
     Gradients are dropped BEFORE the forward (and by run_epoch after the epoch), so they never
     sit in memory beside a forward's activations or an evaluation (with a trainable 4096-d
     feature table they are as large as the table itself)."""
     optimizer.zero_grad(set_to_none=True)
-    loss, parts = model.loss(batch)
+    loss, parts = (loss_fn or model.loss)(batch)
     loss.backward()
     optimizer.step()
     return loss, parts
 
 
-def run_epoch(model, sampler: TrainSampler, optimizer, epoch: int, batch_size: int, device) -> dict[str, float]:
-    """One pass over the training interactions; returns the mean loss and loss parts."""
+def run_epoch(model, sampler: TrainSampler, optimizer, epoch: int, batch_size: int, device,
+              context: distributed.Context = distributed.Context(), loss_fn=None) -> dict[str, float]:
+    """One pass over the training interactions (this rank's slices of them); returns the mean
+    loss and loss parts (averaged over the ranks) and the number of steps."""
     model.train()
     model.start_epoch(epoch, sampler.rng)
     if optimizer is not None:  # a per-model learning-rate schedule (1 for most models)
@@ -304,14 +317,16 @@ def run_epoch(model, sampler: TrainSampler, optimizer, epoch: int, batch_size: i
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
     totals: dict[str, float] = {}
     n_batches = 0
-    for batch in sampler.batches(batch_size, model.uses_negatives, device):
-        loss, parts = train_step(model, batch, optimizer)
+    for batch in context.batches(sampler, batch_size, model.uses_negatives, device):
+        loss, parts = train_step(model, batch, optimizer, loss_fn)
         totals["loss"] = totals.get("loss", 0.0) + loss.item()
         for name, value in parts.items():
             totals[name] = totals.get(name, 0.0) + value
         n_batches += 1
     optimizer.zero_grad(set_to_none=True)
-    return {k: v / max(1, n_batches) for k, v in totals.items()}
+    # "steps": optimiser steps this process took (under torchrun, world_size x fewer than one
+    # process with the same batch_size would take).
+    return {**context.mean({k: v / max(1, n_batches) for k, v in totals.items()}), "steps": n_batches}
 
 
 def make_optimizer(model, config):
@@ -328,47 +343,58 @@ def make_optimizer(model, config):
 
 
 def train(config: dict[str, Any], dataset: Dataset, run_dir: str | Path, resume: bool = False, *,
-          lock: runio.RunLock | None = None, allow_data_change: bool = False, callbacks=(),
-          evaluate_test: bool = True) -> dict[str, Any]:
+          lock: runio.RunLock | None = None, allow_data_change: bool = False,
+          callbacks: list | tuple = (), evaluate_test: bool = True) -> dict[str, Any]:
     """Train `config["model"]` on `dataset`, writing the run directory; returns the summary.
 
     `lock`: the run directory's lock, when the caller holds it (the CLI creates the folder locked);
-    otherwise the folder is created if needed and locked here, for the call's duration.
-    `callbacks`: objects with any of `on_evaluation(epoch, results)` (after each validation; may
-    raise to stop the run, e.g. optuna.TrialPruned) and `on_epoch_end(epoch, record)` (after the
-    epoch's log line). `evaluate_test=False` (hyper-parameter search trials): test is never
-    evaluated, and summary.json's "test" is null.
+    otherwise the folder is created if needed and locked here, for the call's duration (by the
+    main rank only, under torchrun).
+    `evaluate_test=False` (hyper-parameter search trials): test is never evaluated, and
+    summary.json's "test" is null.
     With `resume`, `config` may differ from the saved one in `epochs` (to extend a run) and `data`
-    (a moved folder with the same fingerprint); `allow_data_change` accepts different data."""
+    (a moved folder with the same fingerprint); `allow_data_change` accepts different data.
+    `callbacks`: see the module docstring."""
     run_dir = Path(run_dir)
+    context = distributed.current()
     own_lock = None
-    if lock is None:
+    if lock is None and context.main:
         if not resume:
             run_dir.mkdir(parents=True, exist_ok=True)
         own_lock = runio.lock_run_dir(run_dir)
     try:
-        return _train(config, dataset, run_dir, resume, allow_data_change, callbacks, evaluate_test)
+        return _train(config, dataset, run_dir, resume, allow_data_change, context, list(callbacks), evaluate_test)
     finally:
         if own_lock is not None:
             own_lock.release()
 
 
-def _call(callbacks, hook: str, *args) -> None:
+def _notify(callbacks: list, event: str, *args) -> None:
     for callback in callbacks:
-        if hasattr(callback, hook):
-            getattr(callback, hook)(*args)
+        method = getattr(callback, event, None)
+        if method is not None:
+            method(*args)
 
 
-def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_change: bool, callbacks=(),
-           evaluate_test: bool = True) -> dict[str, Any]:
+def _evaluate(context: distributed.Context, model, dataset: Dataset, splits: list[str], config) -> dict:
+    """{split: per-user arrays}: each rank ranks its share of the users, then all are gathered."""
+    per_user = evaluate_per_user(model, dataset, splits, config["topk"], config["eval_batch_size"],
+                                 users_part=context.users_part)
+    return context.gather_per_user(per_user)
+
+
+def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_change: bool,
+           context: distributed.Context, callbacks: list, evaluate_test: bool = True) -> dict[str, Any]:
     use_threads(config)
-    device = pick_device(config["device"])
+    device = context.device(pick_device(config["device"]))
+    main = context.main
+    callbacks = callbacks if main else []
     log_path = run_dir / "log.jsonl"
     data_json, data_change = {**data_record(dataset), "history": []}, None  # fingerprinted before training
     checkpoint, log = None, []
     if resume:  # every check first: a refused resume writes nothing
         data_json, data_change = check_data(run_dir, dataset, allow_data_change)
-        if data_change:
+        if data_change and main:
             print(f"fitmm: warning: resuming on different data ({data_change}), as --allow-data-change asks; "
                   f"summary.json will say so", file=sys.stderr)
         if (run_dir / "last.pt").exists():
@@ -381,7 +407,6 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
     if mmrec and not evaluate_test:
         raise InputError("config key 'selection': mmrec evaluates test at every epoch; use selection=clean")
     metric = config["valid_metric"]
-    ks = config["topk"]
     state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_evals": 0}
     epochs = config["epochs"] if model.trainable else 0
 
@@ -402,30 +427,33 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
             )
         if stopped_early:  # resuming a run that had already stopped early: just finish it
             epochs = state["epoch"]
-        # Checked: from here on the run directory is written, first rid of any write a kill cut short.
-        runio.remove_stale_temps(run_dir)
-        if saved != config:  # extended epochs, or the data's new location
-            runio.write_yaml(run_dir / "config.yaml", config)
-        if data_json is not None:
-            runio.write_json(run_dir / DATA_FILE, data_json)
-        else:
+        if data_json is None:
             data_json = json.loads((run_dir / DATA_FILE).read_text(encoding="utf-8"))
-        if checkpoint is None:  # killed before the first checkpoint: start again from epoch 1
-            (run_dir / "best.pt").unlink(missing_ok=True)
-        if state["epoch"] < epochs:  # it trains again, so an earlier result no longer describes it
-            (run_dir / "summary.json").unlink(missing_ok=True)
-        # Epochs logged after the last checkpoint are re-run; drop their lines.
-        kept = [r for r in log if r["epoch"] <= state["epoch"]]
-        runio.atomic_write(log_path, lambda h: h.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
-    else:
+        elif main:
+            runio.write_json(run_dir / DATA_FILE, data_json)
+        if main:  # checked: from here on the run directory is written, first rid of any write a kill cut short
+            runio.remove_stale_temps(run_dir)
+            if saved != config:  # extended epochs, or the data's new location
+                runio.write_yaml(run_dir / "config.yaml", config)
+            if checkpoint is None:  # killed before the first checkpoint: start again from epoch 1
+                (run_dir / "best.pt").unlink(missing_ok=True)
+            if state["epoch"] < epochs:  # it trains again, so an earlier result no longer describes it
+                (run_dir / "summary.json").unlink(missing_ok=True)
+            # Epochs logged after the last checkpoint are re-run; drop their lines.
+            kept = [r for r in log if r["epoch"] <= state["epoch"]]
+            runio.atomic_write(log_path, lambda h: h.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+    elif main:
         runio.write_yaml(run_dir / "config.yaml", config)
         runio.write_json(run_dir / DATA_FILE, data_json)
         log_path.write_text("")
 
-    progress = Progress(config, state["epoch"], epochs)
+    # Under DDP the loss goes through DistributedDataParallel (gradients averaged over the ranks).
+    loss_fn = context.wrap(model) if epochs > state["epoch"] else None
+    progress = Progress(config if main else {**config, "progress": False}, state["epoch"], epochs)
     for epoch in range(state["epoch"] + 1, epochs + 1):
         start = time.perf_counter()
-        record: dict[str, Any] = {"epoch": epoch, **run_epoch(model, sampler, optimizer, epoch, config["batch_size"], device)}
+        record: dict[str, Any] = {"epoch": epoch, **run_epoch(model, sampler, optimizer, epoch, config["batch_size"],
+                                                              device, context, loss_fn)}
         record["train_seconds"] = time.perf_counter() - start
         if not math.isfinite(record.get("loss", 0.0)):
             raise FloatingPointError(f"epoch {epoch}: the training loss is {record['loss']}; lower lr")
@@ -433,15 +461,17 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
 
         if epoch % config["eval_every"] == 0 or epoch == epochs:
             start = time.perf_counter()
-            results = evaluate(model, dataset, ["valid", "test"] if mmrec else ["valid"], ks, config["eval_batch_size"])
+            per_user = _evaluate(context, model, dataset, ["valid", "test"] if mmrec else ["valid"], config)
+            results = {split: summarize(values) for split, values in per_user.items()}
             record["eval_seconds"] = time.perf_counter() - start
             record.update(results)
-            _call(callbacks, "on_evaluation", epoch, results)
+            _notify(callbacks, "on_evaluation", epoch, results)
             score = results["valid"][metric]
             if score > state["best"]:  # strictly better, as in the protocol
                 state.update(best=score, best_epoch=epoch, bad_evals=0)
-                runio.save_torch(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch,
-                                                        "model_name": config["model"]})
+                if main:
+                    runio.save_torch(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch,
+                                                            "model_name": config["model"]})
             else:
                 state["bad_evals"] += 1
             state["epoch"] = epoch
@@ -449,9 +479,9 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
         # The log line goes first and the checkpoint second: an interruption between the two leaves
         # a line newer than last.pt, which resume drops and re-runs. The other order would leave a
         # checkpointed epoch with no line in the log.
-        runio.append_jsonl(log_path, record)
-        _call(callbacks, "on_epoch_end", epoch, record)
-        if state["epoch"] == epoch:
+        if main:
+            runio.append_jsonl(log_path, record)
+        if state["epoch"] == epoch and main:
             # Tensors, numbers, strings and containers only: runio.load_torch reads it with weights_only.
             runio.save_torch(run_dir / "last.pt", {
                 "model": model.state_dict(),
@@ -461,30 +491,31 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
                 "torch_rng": torch.get_rng_state(),
                 "state": state,
             })
+        _notify(callbacks, "on_epoch_end", epoch, record)
         # MMRec's rule: `patience` evaluations without a better score are tolerated; the next one stops.
         if state["bad_evals"] > config["patience"]:
             break
     progress.close()
-    return finish(config, dataset, model, run_dir, device, data_json, evaluate_test)
+    summary = finish(config, dataset, model, run_dir, device, data_json, context, evaluate_test)
+    _notify(callbacks, "on_finish", summary)
+    return summary
 
 
-def finish(config, dataset, model, run_dir: Path, device, data_json: dict, evaluate_test: bool = True) -> dict[str, Any]:
+def finish(config, dataset, model, run_dir: Path, device, data_json: dict,
+           context: distributed.Context = distributed.Context(), evaluate_test: bool = True) -> dict[str, Any]:
     """Evaluate the best checkpoint on validation and test (unless `evaluate_test` is False) once;
     write summary.json and plots."""
     best_path = run_dir / "best.pt"
     best_epoch = 0
+    context.barrier()  # best.pt is written by the main rank: every rank reads it after this
     if best_path.exists():
         best_epoch = load_weights(best_path, model, device, config["model"])
-    else:  # nothing trained (most-popular, or epochs = 0): the model as built is the result
+    elif context.main:  # nothing trained (most-popular, or epochs = 0): the model as built is the result
         runio.save_torch(best_path, {"model": model.state_dict(), "epoch": 0, "model_name": config["model"]})
     start = time.perf_counter()
-    splits = ["valid", "test"] if evaluate_test else ["valid"]
-    per_user = evaluate_per_user(model, dataset, splits, config["topk"], config["eval_batch_size"])
+    per_user = _evaluate(context, model, dataset, ["valid", "test"] if evaluate_test else ["valid"], config)
     eval_seconds = time.perf_counter() - start
     results = {split: summarize(values) for split, values in per_user.items()}
-    # Per-user metrics allow paired significance tests between runs on the same data.
-    runio.atomic_write(run_dir / "per_user.npz", lambda h: np.savez_compressed(
-        h, **{f"{split}/{key}": values for split, arrays in per_user.items() for key, values in arrays.items()}))
     log = read_log(run_dir / "log.jsonl")
     train_seconds = [r["train_seconds"] for r in log]
     summary = {
@@ -498,9 +529,16 @@ def finish(config, dataset, model, run_dir: Path, device, data_json: dict, evalu
         "epochs_run": len(log),
         "seconds_per_epoch": statistics.median(train_seconds) if train_seconds else 0.0,
         "eval_seconds": eval_seconds,
+        # Processes that trained it (torchrun): each took its slice of every batch of world_size x batch_size.
+        "world_size": context.world_size,
         "valid": results["valid"],
         "test": results.get("test"),
     }
+    if not context.main:
+        return summary
+    # Per-user metrics allow paired significance tests between runs on the same data.
+    runio.atomic_write(run_dir / "per_user.npz", lambda h: np.savez_compressed(
+        h, **{f"{split}/{key}": values for split, arrays in per_user.items() for key, values in arrays.items()}))
     if data_json.get("history"):  # trained on more than one dataset (resumed with --allow-data-change)
         summary["data_changes"] = [
             {"from": old["fingerprint"], "path": old["path"], "change": describe_change(old, new)}

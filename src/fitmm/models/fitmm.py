@@ -138,8 +138,11 @@ class FITMM(Recommender):
                 f"{dataset.source}: fitmm's item/user kNN graphs need content features, and this dataset has none; "
                 f"add *_feat.npy files or run ID-only with --set item_graph=false"
             )
-        for key, count, what in (("knn_k", dataset.n_items, "items"), ("user_knn_k", dataset.n_users, "users")):
-            if config[key] > count:
+        # Each k only matters when its graph is built: a 5-user dataset must not fail on user_knn_k
+        # when the user graph is off.
+        for key, count, what, used in (("knn_k", dataset.n_items, "items", config["item_graph"]),
+                                       ("user_knn_k", dataset.n_users, "users", config["user_graph"])):
+            if used and config[key] > count:
                 raise InputError(f"config key '{key}': must be at most the number of {what} ({count}), got {config[key]}")
         cls.check_modality_weights(dataset, config)
 
@@ -286,6 +289,32 @@ class FITMM(Recommender):
             total = total + cfg["cl_weight"] * cl
             parts["cl"] = cl.item()
         return total, parts
+
+    # -- diagnostics: what a trained FITMM learned about its bands (used by the HTML report) ----
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict:
+        """The spectral state of the model, as numpy arrays (side = "user" or "item"):
+
+        - "modalities": the branch names, one 64-column chunk each ("id", then each modality);
+        - "band_energy"[side]: (chunks x M), the share of each chunk's squared singular values
+          (of the base view X_U / X_I, whose singular basis defines the bands) in each band;
+          band 1 holds the largest singular values; each row sums to 1;
+        - "gates"[side]: (nodes x M), every user's / item's gate value per band;
+        - "band_weights"[side]: (M,), the learned global band weights w_b = sigmoid(phi_b).
+        """
+        x_u, _, x_i, _ = self._views()
+        sizes = spectral.band_sizes(self.d, self.num_bands)
+        out = {"modalities": ["id", *self.modalities], "band_energy": {}, "gates": {}, "band_weights": {}}
+        for side, x, gate, weights in (("user", x_u, self.user_gate, self.user_band_weights),
+                                       ("item", x_i, self.item_gate, self.item_band_weights)):
+            chunks = x.double().reshape(x.shape[0], -1, self.d).transpose(0, 1)  # (C, n, d)
+            energy = torch.linalg.eigvalsh(chunks.transpose(1, 2) @ chunks).flip(-1).clamp_min(0)  # sigma^2, descending
+            per_band = torch.stack([part.sum(-1) for part in energy.split(sizes, dim=-1)], dim=-1)
+            out["band_energy"][side] = (per_band / per_band.sum(-1, keepdim=True).clamp_min(1e-300)).numpy()
+            out["gates"][side] = gate(x).cpu().numpy()
+            out["band_weights"][side] = weights().cpu().numpy()
+        return out
 
     # -- serving: explanations and cold-start items (used by fitmm.api, never by training) -----
 

@@ -1,11 +1,15 @@
 """Seconds to encode ml100k_mm's items (text and posters) with `fitmm data encode`'s encoders.
 
     python benchmarks/encode_speed.py [--data ../shared/data/ml100k_mm] [--items N] [--precision float32,bfloat16]
+                                      [--threads T] [--system-malloc]
 
 Per precision: model load, text encoding, image encoding (decoding included) and their sum, as
 wall-clock seconds and process CPU seconds (all threads), plus the cosine of each row with the
 shipped features (min for text, mean for images: the acceptance criteria). CPU seconds tell a
-loaded machine from a slow one: on an idle machine wall ~ CPU / threads.
+loaded machine from a slow one: on an idle machine wall ~ CPU / threads. On a loaded machine
+torch's worker threads spin while waiting for a descheduled sibling, which inflates CPU seconds
+with 2+ threads; `--threads 1` measures the work itself. glibc malloc is set as the CLI sets it
+(`fitmm.train.keep_freed_memory`) unless --system-malloc.
 """
 
 from __future__ import annotations
@@ -42,7 +46,15 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=0, help="only the first N items (default: all)")
     parser.add_argument("--precision", default="float32,bfloat16")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice, all cores)")
+    parser.add_argument("--system-malloc", action="store_true", help="leave glibc malloc's defaults (measures their cost)")
     args = parser.parse_args()
+    if not args.system_malloc:
+        from fitmm.train import keep_freed_memory
+
+        keep_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with open(args.data / "item_text.tsv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
@@ -52,7 +64,8 @@ def main() -> None:
     shipped_text = np.load(args.data / "text_feat.npy")[[int(r["itemID"]) for r in rows]]
     shipped_image = np.load(args.data / "image_feat.npy")[[int(r["itemID"]) for r in rows]]
 
-    print(f"{len(rows)} items, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
+    malloc = "glibc defaults" if args.system_malloc else "keep_freed_memory"
+    print(f"{len(rows)} items, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, malloc {malloc}")
     print("| precision | load s | text s (cpu) | images s (cpu) | total s (cpu) | text cos min | image cos mean |")
     print("|---|---|---|---|---|---|---|")
     for precision in args.precision.split(","):

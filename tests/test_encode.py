@@ -115,7 +115,8 @@ def encoded(tmp_path_factory):
         mp.setattr(socket.socket, "connect", refuse)
         mp.setattr(socket, "create_connection", refuse)
         code = main(["data", "encode", str(table), "--data", str(tmp / "ds"), "--id-col", "movie",
-                     "--text-template", "{title}. Genres: {genre}", "--image-col", "poster", "--out", str(tmp / "ds")])
+                     "--text-template", "{title}. Genres: {genre}", "--image-col", "poster", "--out", str(tmp / "ds"),
+                     "--precision", "float32"])  # compared with the float32 encoders to 1e-4 below
     assert code == 0
     assert attempts == []
     return tmp
@@ -127,13 +128,13 @@ def test_rows_follow_the_dense_ids_and_match_the_encoders(encoded):
     image = np.load(encoded / "ds" / "image_feat.npy")
     assert text.shape == (4, 384) and image.shape == (4, 1280)
     # dense ids: 0 = raw 3, 1 = raw 5, 2 = raw 7, 3 = raw 12
-    expected = E.MiniLM().encode(["Grey. Genres: Noir", "Seven. Genres: Crime", "Red. Genres: Drama"])
+    expected = E.MiniLM(precision="float32").encode(["Grey. Genres: Noir", "Seven. Genres: Crime", "Red. Genres: Drama"])
     assert cosines(text[[0, 2, 3]], expected).min() > 0.9999
     np.testing.assert_allclose(np.linalg.norm(text[[0, 2, 3]], axis=1), 1.0, atol=1e-5)
     from PIL import Image
 
     images = [Image.open(encoded / "grey.jpg"), Image.open(encoded / "red.png")]
-    np.testing.assert_allclose(image[[0, 3]], E.EfficientNetLite0().encode(images), atol=1e-4)
+    np.testing.assert_allclose(image[[0, 3]], E.EfficientNetLite0(precision="float32").encode(images), atol=1e-4)
 
 
 @needs_extra
@@ -163,17 +164,20 @@ def test_the_warning_names_the_items(tmp_path, capsys):
     assert code == 0
     assert "2 of 3 items have no text: itemID 1 (not in the table), itemID 2 (empty text); they get the mean" in captured.err
     text = np.load(tmp_path / "f" / "text_feat.npy")
-    assert cosines(text[:1], E.MiniLM().encode(["Up. Balloons."]))[0] > 0.9999  # columns joined as "c1. c2"
+    assert cosines(text[:1], E.MiniLM(precision="float32").encode(["Up. Balloons."]))[0] > 0.9999  # columns joined as "c1. c2"
 
 
 @needs_extra
-def test_shipped_ml100k_features_are_reproduced(tmp_path, capsys):
-    """The first 20 items of ml100k_mm, encoded as its README says, match the shipped features."""
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_shipped_ml100k_features_are_reproduced(tmp_path, capsys, precision):
+    """The first 20 items of ml100k_mm, encoded as its README says, match the shipped features
+    (bfloat16 too: 'auto' picks it on CPUs with bfloat16 units)."""
     folder = shared_dataset("ml100k_mm")
     lines = (folder / "item_text.tsv").read_text(encoding="utf-8").splitlines()
     table = write(tmp_path / "items.tsv", lines[:21])
     code = main(["data", "encode", str(table), "--id-col", "itemID", "--text-cols", "text",
-                 "--image-path", str(folder / "posters_w92" / "{movie_id}.jpg"), "--out", str(tmp_path / "f")])
+                 "--image-path", str(folder / "posters_w92" / "{movie_id}.jpg"), "--out", str(tmp_path / "f"),
+                 "--precision", precision])
     assert code == 0, capsys.readouterr().err
     text, image = np.load(tmp_path / "f" / "text_feat.npy"), np.load(tmp_path / "f" / "image_feat.npy")
     assert text.shape == (20, 384) and image.shape == (20, 1280)
@@ -198,4 +202,14 @@ def test_folded_image_network_computes_the_original_features():
         / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
         expected = original.eval().extract_features(x).mean(dim=(2, 3)).numpy()
-    np.testing.assert_allclose(E.EfficientNetLite0().encode(images), expected, atol=1e-4)
+    np.testing.assert_allclose(E.EfficientNetLite0(precision="float32").encode(images), expected, atol=1e-4)
+
+
+def test_auto_precision_is_bfloat16_only_on_a_cpu_with_bfloat16_units(monkeypatch):
+    import torch
+
+    assert E.resolve_precision("float32", "cpu") == "float32" and E.resolve_precision("bfloat16", "cpu") == "bfloat16"
+    assert E.resolve_precision("auto", "cuda") == "float32"  # other devices keep the shipped features' precision
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert E.resolve_precision("auto", "cpu") == expected

@@ -531,8 +531,9 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--image-encoder", default="efficientnet-lite0", help="image encoder (default efficientnet-lite0)")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--device", default="cpu", help="torch device for the encoders (default cpu)")
-    q.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
-                   help="bfloat16: faster on CPUs with bfloat16 units; rows within cosine 0.9999 (text) and 0.997 (images) of float32")
+    q.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto (default): bfloat16 on CPUs with native bfloat16 units, float32 elsewhere; bfloat16 "
+                   "rows stay within cosine 0.9999 (text) and 0.997 (images) of float32")
     q.set_defaults(func=cmd_data_encode)
     return parser
 
@@ -543,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` relaunches the same command
     if getattr(args, "path", None) is not None:
         args.data = args.path
-    if getattr(args, "func", None) in (cmd_train, cmd_evaluate, cmd_bench, cmd_search):
+    if getattr(args, "func", None) in (cmd_train, cmd_evaluate, cmd_bench, cmd_search, cmd_data_encode):
         from .train import keep_freed_memory
 
         keep_freed_memory()

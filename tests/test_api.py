@@ -246,7 +246,7 @@ def test_vbpr_explains_by_modality_and_adds_items(tmp_path):
     run = train_tiny(dataset_with_raw_ids(tmp_path / "ds"), tmp_path / "vbpr", "model=vbpr", "epochs=1")
     rec = fitmm.load(run)
     e = rec.explain(2, 9)
-    assert set(e) == {"score", "modalities"} and list(e["modalities"]) == ["id", "image", "text"]
+    assert set(e) == {"score", "modalities"} and list(e["modalities"]) == ["id", "image", "text", "bias"]
     assert sum(e["modalities"].values()) == pytest.approx(e["score"], rel=1e-9)
     assert e["score"] == pytest.approx(float(rec.score([2], [9])[0]), rel=1e-5)
     [new] = rec.add_items({m: f[9:10] for m, f in rec.dataset.features.items()})

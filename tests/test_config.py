@@ -116,7 +116,7 @@ def test_bounds_describe_and_hold():
     ("lgmrec", "keep_rate", 0.0, "'keep_rate': must be in (0, 1], got 0.0"),
     ("smore", "tau", 0.0, "'tau': must be > 0, got 0.0"),
     ("freedom", "dropout", 1.0, "'dropout': must be in [0, 1), got 1.0"),
-    ("vbpr", "embedding_size", 1, "'embedding_size': must be >= 2, got 1"),
+    ("vbpr", "embedding_size", 0, "'embedding_size': must be >= 1, got 0"),
     ("bpr", "reg_weight", "nan", "'reg_weight': must be a finite number, got nan"),
     ("bpr", "seed", 2**32, "'seed': must be between 0 and 4294967295"),
 ])

@@ -120,7 +120,8 @@ def test_freedom_gradients_through_the_non_symmetric_item_graph():
 def test_smore_gradients():
     model = build("smore", embedding_size=4, image_knn_k=2, text_knn_k=2, n_ui_layers=2, dropout=0.3, cl_weight=0.5)
     names = check_every_parameter(model, seed=0)
-    assert {"filters.0", "fusion_filter", "gates.2.weight"} <= set(names)
+    assert {"filters.0", "fusion_filter", "view_gates.2.0.weight", "queries.1.2.weight",
+            "prefer_gates.2.0.weight", "item_features_0"} <= set(names)
 
 
 def test_lgmrec_gradients_with_gumbel_noise_and_dropout_fixed_by_the_seed():

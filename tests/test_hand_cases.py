@@ -148,16 +148,17 @@ def test_most_popular_scores_are_training_counts():
 
 
 def test_vbpr_scores_by_hand():
-    model = build("vbpr", embedding_size=2)  # 1 ID factor + 1 content factor
-    # f_i = [image | text] (5-d); E = [1, 0, 0, 0, 1] picks image[0] + text[2]:
-    #   E f = i0 1 + 0 = 1, i1 1 + 0 = 1, i2 1 + 1 = 2, i3 0 + 1 = 1
+    model = build("vbpr", embedding_size=1)  # 1 ID factor + 1 content factor per item; users 2 wide
+    # f_i = [image | text] (5-d); E = [1, 0, 0, 0, 1] picks image[0] + text[2], bias b = 0.5:
+    #   E f + b = i0 1 + 0 + .5 = 1.5, i1 1 + 0 + .5 = 1.5, i2 1 + 1 + .5 = 2.5, i3 0 + 1 + .5 = 1.5
     setp(model.projection.weight, [[1, 0, 0, 0, 1]])
+    setp(model.projection.bias, [0.5])
     setp(model.user_id, [[1], [2], [0]])  # gamma_u
     setp(model.item_id, [[0], [1], [2], [3]])  # gamma_i
     setp(model.user_content, [[1], [0], [3]])  # theta_u
-    # x_ui = gamma_u gamma_i + theta_u E f_i:
-    #   u0: (0+1, 1+1, 2+2, 3+1) = (1, 2, 4, 4); u1: (0, 2, 4, 6); u2: 3 * (1, 1, 2, 1) = (3, 3, 6, 3)
-    expected = [[1, 2, 4, 4], [0, 2, 4, 6], [3, 3, 6, 3]]
+    # x_ui = gamma_u gamma_i + theta_u (E f_i + b):
+    #   u0: (0+1.5, 1+1.5, 2+2.5, 3+1.5) = (1.5, 2.5, 4.5, 4.5); u1: (0, 2, 4, 6); u2: 3 * (1.5, 1.5, 2.5, 1.5)
+    expected = [[1.5, 2.5, 4.5, 4.5], [0, 2, 4, 6], [4.5, 4.5, 7.5, 4.5]]
     close(model.score(*model.embed()), expected)
     id_part, content_part = model.score_parts(torch.arange(3), torch.arange(4))
     close(id_part, np.outer([1, 2, 0], [0, 1, 2, 3]))
@@ -188,30 +189,47 @@ def test_smore_embeddings_by_hand():
     model = build("smore", dataset=tiny_dataset(["image"]), embedding_size=2, n_ui_layers=1, n_mm_layers=1,
                   image_knn_k=2, dropout=0.0)
     model.eval()
-    proj = model.projections[0]
-    setp(proj.weight, np.eye(2))
-    setp(proj.bias, [0, 0])
+    eye, zero = np.eye(2), np.zeros((2, 2))
+    setp(model.projections[0].weight, eye)
+    setp(model.projections[0].bias, [0, 0])
     # Length-2 orthonormal rfft: X0 = (x0 + x1)/sqrt2, X1 = (x0 - x1)/sqrt2. A real response (a, b)
     # gives back ((a+b) x0 + (a-b) x1, (a-b) x0 + (a+b) x1) / 2.
     setp(model.filters[0], [[1, 0], [0.5, 0]])  # (1, .5): x M with M = [[.75, .25], [.25, .75]]
-    setp(model.fusion_filter, [[1, 0], [2, 0]])  # fused response W_f W_1 = (1, 1): all-pass, x itself
-    for gate, bias in zip(model.gates, [math.log(3), 0.0]):  # sigmoid: .75 (uni-modal), .5 (fused)
-        setp(gate.weight, np.zeros((2, 2)))
-        setp(gate.bias, [bias, bias])
+    setp(model.fusion_filter, [[1, 0], [1, 0]])  # all-pass on the RAW spectrum: the fused output is x
+    for gate in model.view_gates:  # sigmoid(spectral output): the ID rows are gated element-wise
+        setp(gate[0].weight, eye)
+        setp(gate[0].bias, [0, 0])
+    setp(model.queries[0][0].weight, eye)  # query = tanh(fused view) (then an identity, bias-free)
+    setp(model.queries[0][0].bias, [0, 0])
+    setp(model.queries[0][2].weight, eye)
+    setp(model.prefer_gates[0][0].weight, eye)  # image preference = sigmoid(behaviour view)
+    setp(model.prefer_gates[0][0].bias, [0, 0])
+    setp(model.prefer_gates[1][0].weight, zero)  # fused preference = sigmoid(0) = 1/2
+    setp(model.prefer_gates[1][0].bias, [0, 0])
     ego_u = np.array([[1, 1], [0, 1], [2, 0]], dtype=float)
     ego_i = np.array([[2, 0], [4, 1], [1, 1], [5, 0]], dtype=float)
     setp(model.user_emb, ego_u)
     setp(model.item_emb, ego_i)
     users, items = model.embed()
 
-    # The modality graph: the binarised top-2 graph has 2 entries per row, D^-1/2 A D^-1/2 = A/2 = S_image.
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    # The modality graph: top-2 cosine neighbours (the sets of S_image), each edge weighted by its
+    # cosine, then a_ij / sqrt(d_i d_j) with d the weighted row sums.
     x = np.array([[1, 0], [1, 0.2], [1, 0.5], [0, 1]])
+    cos = (x @ x.T) / np.outer(np.linalg.norm(x, axis=1), np.linalg.norm(x, axis=1))
+    a = np.where(S_IMAGE > 0, cos, 0.0)
+    d = a.sum(1)
+    graph = a / np.sqrt(np.outer(d, d))  # one modality: the fused graph (their max) is the same
     mix = np.array([[0.75, 0.25], [0.25, 0.75]])
-    uni, fused = S_IMAGE @ (x @ mix), S_IMAGE @ x  # one item-graph layer; users aggregate over UI
-    multimodal = 0.75 * np.vstack([UI @ uni, uni]) + 0.5 * np.vstack([UI @ fused, fused])
+    h_image = graph @ (ego_i * sigmoid(x @ mix))  # one item-graph layer
+    h_fused = graph @ (ego_i * sigmoid(x))
+    v_image, v_fused = np.vstack([UI @ h_image, h_image]), np.vstack([UI @ h_fused, h_fused])
     ego = np.vstack([ego_u, ego_i])
     behaviour = (ego + A_HAT @ ego) / 2
-    expected = behaviour + multimodal
+    q = np.exp(np.tanh(v_fused))
+    attention = q / q.sum(1, keepdims=True)  # softmax over the 2 dimensions
+    side = (sigmoid(behaviour) * attention * v_image + 0.5 * v_fused) / 2  # the mean of the 2 views
+    expected = behaviour + side
     close(users, expected[:N_USERS])
     close(items, expected[N_USERS:])
 

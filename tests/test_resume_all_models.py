@@ -194,16 +194,18 @@ def script_validation(monkeypatch, scores: list[float]) -> None:
     monkeypatch.setattr(fitmm.train, "_evaluate", evaluate)
 
 
-# Validation score per epoch, patience 2. Epoch 1 is the first best; 2 only ties it (not strictly
-# better: 1 bad evaluation); 3 improves (best, the count restarts at 0); 4 is worse (1); 5 ties the
-# best (2 = patience): the run stops after epoch 5 with epoch 3 as the best. Counting a tie as better,
-# or not restarting the count at an improvement (stop after epoch 4), both change the outcome.
-SCRIPTED = [0.1, 0.1, 0.2, 0.15, 0.2, 0.3, 0.4]
+# Validation score per epoch, patience 2 (MMRec's rule: 2 bad evaluations tolerated, the 3rd stops).
+# Epoch 1 is the first best; 2 only ties it (not strictly better: 1 bad evaluation); 3 improves
+# (best, the count restarts at 0); 4 is worse (1); 5 ties the best (2, still tolerated); 6 is worse
+# (3): the run stops after epoch 6 with epoch 3 as the best. Counting a tie as better (best 5, no
+# stop by epoch 6), not restarting the count at an improvement (stop after epoch 5), or stopping at
+# the patience-th bad evaluation (after epoch 5) each change the outcome.
+SCRIPTED = [0.1, 0.1, 0.2, 0.15, 0.2, 0.19, 0.3, 0.4]
 
 
 @pytest.mark.parametrize("interrupted", [False, True])
 def test_early_stopping_follows_hand_worked_scores_across_a_resume(tmp_path, monkeypatch, interrupted):
-    args = tiny_args("bpr", tmp_path / "cache", "patience=2", "epochs=7")
+    args = tiny_args("bpr", tmp_path / "cache", "patience=2", "epochs=8")
     run = tmp_path / "run"
     script_validation(monkeypatch, SCRIPTED)
     if interrupted:  # stopped inside epoch 5, after epoch 4's checkpoint (bad evaluations: 1)
@@ -215,25 +217,25 @@ def test_early_stopping_follows_hand_worked_scores_across_a_resume(tmp_path, mon
     else:
         assert main(["train", "--out", str(run), *args]) == 0
     log = log_lines(run)
-    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5]
-    assert [r["valid"]["recall@20"] for r in log] == SCRIPTED[:5]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["valid"]["recall@20"] for r in log] == SCRIPTED[:6]
     assert json.loads((run / "summary.json").read_text())["best_epoch"] == 3
 
 
 def test_an_early_stopped_run_resumes_to_the_same_end(tmp_path, monkeypatch):
-    """Scores 0.3, 0.3, 0.3: epochs 2 and 3 only tie the best, so they are not improvements and
-    patience=2 stops the run after epoch 3 with epoch 1 as the best. Resuming the stopped run trains
+    """Scores 0.3 four times: epochs 2-4 only tie the best, so they are not improvements and
+    patience=2 (2 tolerated) stops the run after epoch 4 with epoch 1 as the best. Resuming the stopped run trains
     nothing more and reports the same result."""
     run = tmp_path / "run"
     args = tiny_args("bpr", tmp_path / "cache", "patience=2", "epochs=6")
-    script_validation(monkeypatch, [0.3, 0.3, 0.3, 0.9, 0.9, 0.9])
+    script_validation(monkeypatch, [0.3, 0.3, 0.3, 0.3, 0.9, 0.9])
     assert main(["train", "--out", str(run), *args]) == 0
     first = json.loads((run / "summary.json").read_text())
-    assert (first["best_epoch"], first["epochs_run"]) == (1, 3)
+    assert (first["best_epoch"], first["epochs_run"]) == (1, 4)
     best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
 
     assert main(["train", "--resume", str(run)]) == 0
-    assert [r["epoch"] for r in log_lines(run)] == [1, 2, 3]
+    assert [r["epoch"] for r in log_lines(run)] == [1, 2, 3, 4]
     assert without_timings(json.loads((run / "summary.json").read_text())) == without_timings(first)
     assert_identical(load_checkpoint(run / "best.pt"), best, "best.pt")
     assert_identical(load_checkpoint(run / "last.pt"), last, "last.pt")

@@ -52,7 +52,7 @@ def test_mmrec_mode_logs_test_and_early_stopping_stops(tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all("test" in r for r in log)
     assert summary["epochs_run"] < 60  # stopped early
-    assert summary["epochs_run"] == summary["best_epoch"] + 2
+    assert summary["epochs_run"] == summary["best_epoch"] + 3  # 2 bad evaluations tolerated, the 3rd stops
     best = max(log, key=lambda r: r["valid"]["recall@20"])
     assert best["epoch"] == summary["best_epoch"]
     assert best["test"] == summary["test"]  # test at the best validation epoch

@@ -114,7 +114,7 @@ KEY_HELP: dict[str, str] = {
     "modalities": "modality name -> .npy file inside the dataset folder; {} = every <name>_feat.npy",
     "seed": "random seed of the model's initialisation and of negative sampling (0 .. 2^32-1)",
     "epochs": "most training epochs (early stopping may end the run sooner)",
-    "patience": "evaluations without a strictly better validation metric before stopping",
+    "patience": "evaluations without a strictly better validation metric tolerated; the next one stops (MMRec's rule)",
     "eval_every": "epochs between validation evaluations",
     "batch_size": "training interactions per optimiser step",
     "eval_batch_size": "users scored at once during full-ranking evaluation",

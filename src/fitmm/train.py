@@ -311,6 +311,10 @@ def run_epoch(model, sampler: TrainSampler, optimizer, epoch: int, batch_size: i
     loss and loss parts (averaged over the ranks) and the number of steps."""
     model.train()
     model.start_epoch(epoch, sampler.rng)
+    if optimizer is not None:  # a per-model learning-rate schedule (1 for most models)
+        factor = model.lr_factor(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
     totals: dict[str, float] = {}
     n_batches = 0
     for batch in context.batches(sampler, batch_size, model.uses_negatives, device):
@@ -410,14 +414,14 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
         saved = read_config_file(run_dir / "config.yaml")
         if checkpoint is not None:
             state = restore(run_dir / "last.pt", checkpoint, config["model"], model, optimizer, sampler)
-        stopped_early = state["bad_evals"] >= config["patience"]
+        stopped_early = state["bad_evals"] > config["patience"]
         if epochs and config["epochs"] < state["epoch"]:
             raise InputError(f"{run_dir}: has already trained {state['epoch']} epochs; "
                              f"--set epochs must be at least {state['epoch']}")
         if stopped_early and config["epochs"] > saved.get("epochs", config["epochs"]):
             raise InputError(
                 f"{run_dir}: this run stopped early at epoch {state['epoch']} ({metric} did not improve on "
-                f"epoch {state['best_epoch']} for {config['patience']} evaluations, patience "
+                f"epoch {state['best_epoch']} for {state['bad_evals']} evaluations, patience "
                 f"{config['patience']}); more epochs would train nothing. Start a new run with --out and "
                 f"a larger patience"
             )
@@ -488,7 +492,8 @@ def _train(config, dataset: Dataset, run_dir: Path, resume: bool, allow_data_cha
                 "state": state,
             })
         _notify(callbacks, "on_epoch_end", epoch, record)
-        if state["bad_evals"] >= config["patience"]:
+        # MMRec's rule: `patience` evaluations without a better score are tolerated; the next one stops.
+        if state["bad_evals"] > config["patience"]:
             break
     progress.close()
     summary = finish(config, dataset, model, run_dir, device, data_json, context, evaluate_test)

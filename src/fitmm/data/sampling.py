@@ -22,34 +22,39 @@ class Batch:
 class TrainSampler:
     """Each epoch visits every training interaction once, in a random order.
 
-    Negatives are drawn uniformly from the items the user has NOT trained on, by rejection:
-    draw for everyone at once, redraw only the rows that hit a training item. Membership is
-    a binary search over the sorted keys user * n_items + item, so no Python loop per sample.
+    Negatives are drawn uniformly from `negative_pool` (default: the items that occur in the
+    training split, as MMRec's sampler does: an item seen only in validation or test is never
+    a negative) minus the items the user has trained on, by rejection: draw for everyone at
+    once, redraw only the rows that hit a training item. Membership is a binary search over the
+    sorted keys user * n_items + item, so no Python loop per sample.
     """
 
-    def __init__(self, train: sp.csr_matrix, seed: int):
+    def __init__(self, train: sp.csr_matrix, seed: int, negative_pool: np.ndarray | None = None):
         coo = train.tocoo()
         self.n_items = train.shape[1]
         self.users = coo.row.astype(np.int64)
         self.items = coo.col.astype(np.int64)
         self.keys = np.sort(self.users * self.n_items + self.items)
-        full = np.flatnonzero(np.diff(train.indptr) >= self.n_items)
+        self.pool = np.unique(self.items) if negative_pool is None else np.unique(np.asarray(negative_pool, np.int64))
+        # A user's training items are all in the default pool; count those of an explicit pool.
+        in_pool = sp.csr_matrix(train)[:, self.pool] if negative_pool is not None else train
+        full = np.flatnonzero(np.diff(sp.csr_matrix(in_pool).indptr) >= len(self.pool))
         if full.size:
             raise InputError(
-                f"user {full[0]} has trained on every item, so no negative item can be drawn; "
-                f"drop that user from the training split"
+                f"user {full[0]} has trained on every item that can be a negative, so none can be "
+                f"drawn; drop that user from the training split"
             )
         self.rng = np.random.default_rng(seed)
 
     def negatives(self, users: np.ndarray) -> np.ndarray:
-        neg = self.rng.integers(self.n_items, size=len(users))
+        neg = self.pool[self.rng.integers(len(self.pool), size=len(users))]
         todo = np.arange(len(users))
         while todo.size:
             keys = users[todo] * self.n_items + neg[todo]
             pos = np.searchsorted(self.keys, keys)
             hit = self.keys[np.minimum(pos, len(self.keys) - 1)] == keys
             todo = todo[hit]
-            neg[todo] = self.rng.integers(self.n_items, size=todo.size)
+            neg[todo] = self.pool[self.rng.integers(len(self.pool), size=todo.size)]
         return neg
 
     def batches(self, batch_size: int, negatives: bool = True, device="cpu") -> Iterator[Batch]:

@@ -85,13 +85,18 @@ class Recommender(nn.Module):
                 f"dataset has none (ID-only); add <modality>_feat.npy files, or use an ID-only model (bpr, lightgcn, pop)"
             )
 
-    def add_modality_projections(self, dataset: Dataset, dim: int) -> None:
-        """Frozen item features per modality (buffers, not saved: they are data) and, as
-        `self.projections`, a trainable linear map of each to `dim`; `item_features()` lists them."""
+    def add_modality_projections(self, dataset: Dataset, dim: int, trainable_features: bool = False) -> None:
+        """Item features per modality and, as `self.projections`, a trainable linear map of each to
+        `dim`; `item_features()` lists them. Frozen features are buffers (not saved: they are data);
+        `trainable_features` makes them parameters, fine-tuned and saved, as models do whose
+        reference implementation trains its raw feature tables."""
         self.projections = nn.ModuleList()
         for m, name in enumerate(dataset.modalities):
-            feat = torch.from_numpy(dataset.features_for_model(name))
-            self.register_buffer(f"item_features_{m}", feat, persistent=False)
+            feat = torch.from_numpy(dataset.features_for_model(name, trained=trainable_features))
+            if trainable_features:
+                self.register_parameter(f"item_features_{m}", nn.Parameter(feat))
+            else:
+                self.register_buffer(f"item_features_{m}", feat, persistent=False)
             self.projections.append(nn.Linear(feat.shape[1], dim))
 
     def item_features(self) -> list[torch.Tensor]:
@@ -116,6 +121,11 @@ class Recommender(nn.Module):
 
     def start_epoch(self, epoch: int, rng: np.random.Generator) -> None:
         """Hook for per-epoch work (e.g. re-sampling a pruned graph)."""
+
+    def lr_factor(self, epoch: int) -> float:
+        """The learning-rate multiplier for (1-based) `epoch`; the trainer sets lr = config lr * this
+        before each epoch. Default: 1 (constant), as in the reference trainer's default schedule."""
+        return 1.0
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError

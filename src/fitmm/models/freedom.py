@@ -8,14 +8,18 @@ What the paper does, step by step (and how this file does it):
    ONCE before training and never updated (no gradient, no re-learning as in LATTICE).
    Interpretation: every row of the kNN adjacency has exactly k entries, so its degree matrix
    (row sums) is k*I and D^-1/2 S^m D^-1/2 = S^m / k, which is exactly the row-normalised graph
-   `knn.knn_graph` builds. So `knn.cached_mixed_knn_graph` (k = knn_k, weights = modality_weights,
-   default image 0.1 / text 0.9) is used as is, and cached on disk.
+   `knn.knn_graph` builds. So `knn.cached_mixed_knn_graph` (k = knn_k, weights = modality_weights)
+   is used as is, and cached on disk. Default weights: the reference's mm_image_weight, 0.1 for
+   a modality named 'image' and 0.9 for the other when there are exactly two (so TikTok's image
+   and audio get 0.1 / 0.9, as in the reference run that gave MMRec audio as its "text"); equal
+   weights otherwise.
 2. Denoised user-item graph. Every epoch, degree-sensitive edge pruning samples the training
    edges to KEEP with probability proportional to 1 / sqrt(deg_u * deg_i) (edges between two
    popular nodes are the likeliest to be dropped), keeping round((1 - dropout) * |E|) of them, and
    the pruned symmetric adjacency is re-normalised D^-1/2 A D^-1/2 with its own degrees.
    Interpretation: the draws are without replacement, each successive draw proportional to the
-   weights of the edges not drawn yet; this is done with the exponential-race method
+   weights of the edges not drawn yet (the reference's torch.multinomial), keeping
+   floor((1 - dropout) * |E|) edges as it does; this is done with the exponential-race method
    (Efraimidis & Spirakis: keep the n smallest Exp(1)/w keys), using the epoch rng the trainer
    passes to `start_epoch`, so a run is reproducible and resumable. Degrees are those of the full
    training graph. Training uses the pruned graph; `embed()` (evaluation) uses the full graph.
@@ -25,11 +29,14 @@ What the paper does, step by step (and how this file does it):
    ADDED to the item side: h_u = LightGCN_u, h_i = LightGCN_i + S^L e_i.
 4. Loss. BPR on (h_u, h_i, h_j), plus lambda times one BPR term per modality in which the item is
    represented by its projected raw features h_i^m = W_m x_i^m + b_m (a linear layer per modality)
-   against the same h_u. The projections are only used in this loss (not at inference): they act
-   as a regulariser that pulls user embeddings towards the content.
+   against the same h_u. The raw features x^m are trainable here (the reference fine-tunes its
+   feature tables; the kNN graph is built once from the features as loaded). The projections are
+   only used in this loss (not at inference): they act as a regulariser that pulls user
+   embeddings towards the content.
    Interpretation of the config keys: the paper's lambda (the weight of the modality BPR terms) is
-   the key `reg_weight`, the hyper-parameter the field searches over {0, 1e-5, 1e-4, 1e-3} (default
-   1e-4). The paper (as we read it) has no separate L2 term; `l2_weight` adds the usual batch L2 on
+   the key `reg_weight`, the hyper-parameter the field searches over {0, 1e-5, 1e-4, 1e-3}; the
+   default is the reference yaml's first configuration: reg_weight 0 (those terms off), dropout
+   0.8. The paper (as we read it) has no separate L2 term; `l2_weight` adds the usual batch L2 on
    the ego embeddings for those who want one (default 0 = off).
 """
 
@@ -60,6 +67,14 @@ def degree_sensitive_sample(weights: np.ndarray, n_keep: int, rng: np.random.Gen
     return np.sort(np.argpartition(keys, n_keep)[:n_keep])
 
 
+def freedom_modality_weights(names: list[str]) -> dict[str, float]:
+    """The reference's mm_image_weight: 'image' 0.1 and the other 0.9 when there are exactly two
+    modalities and one is 'image'; otherwise the library's default (equal weights)."""
+    if len(names) == 2 and "image" in names:
+        return {name: 0.1 if name == "image" else 0.9 for name in names}
+    return default_modality_weights(names)
+
+
 @register
 class FREEDOM(Recommender):
     name = "freedom"
@@ -68,8 +83,9 @@ class FREEDOM(Recommender):
     defaults = {
         "embedding_size": 64,
         "lr": 1e-3,
+        "epochs": 1000,
         "dropout": 0.8,
-        "reg_weight": 1e-4,
+        "reg_weight": 0.0,
         "l2_weight": 0.0,
         "knn_k": 10,
         "n_ui_layers": 2,
@@ -88,7 +104,7 @@ class FREEDOM(Recommender):
         "knn_k": "neighbours per item in the item-item kNN graph (at most the number of items)",
         "n_ui_layers": "layers over the user-item graph",
         "n_mm_layers": "layers over the item-item graph",
-        "modality_weights": "modality -> alpha_m in the item graph; {} = 0.1 image / 0.9 text, else equal",
+        "modality_weights": "modality -> alpha_m in the item graph; {} = 0.1 image / 0.9 the other of two, else equal",
     }
     search_space = {"dropout": [0.8, 0.9], "reg_weight": [0.0, 1e-5, 1e-4, 1e-3]}
 
@@ -107,10 +123,10 @@ class FREEDOM(Recommender):
 
         # Modality projections h_i^m = W_m x_i^m + b_m (features are data: not saved in checkpoints).
         self.modalities = dataset.modalities
-        self.add_modality_projections(dataset, d)
+        self.add_modality_projections(dataset, d, trainable_features=True)
 
         # 1. The frozen item-item graph (not symmetric: its transpose is kept for the backward pass).
-        weights = config["modality_weights"] or default_modality_weights(self.modalities)
+        weights = config["modality_weights"] or freedom_modality_weights(self.modalities)
         s = cached_mixed_knn_graph(dataset.features, config["knn_k"], weights, dataset.fingerprint, cache_dir(config))
         self.item_graph, self.item_graph_t = to_torch(s), to_torch(s.T.tocsr())
 
@@ -128,7 +144,7 @@ class FREEDOM(Recommender):
 
     def pruned_edges(self, rng: np.random.Generator) -> np.ndarray:
         """Indices (into the training edges) of the edges kept this epoch."""
-        n_keep = int(round((1.0 - self.config["dropout"]) * len(self.edge_weights)))
+        n_keep = int((1.0 - self.config["dropout"]) * len(self.edge_weights))
         return degree_sensitive_sample(self.edge_weights, n_keep, rng)
 
     def pruned_adjacency(self, rng: np.random.Generator) -> sp.csr_matrix:

@@ -1,46 +1,46 @@
 """SMORE (Ong & Khong, WSDM'25): spectrum-based modality representation fusion GCN.
 
-Written from the paper's description ("Spectrum-based Modality Representation Fusion Graph
-Convolutional Network for Multimodal Recommendation"); no code was taken from the authors' or
-MMRec's implementation.
+Follows the reference implementation the field's figures come from (MMRec's
+`src/models/smore.py`, from the authors' repository, and `configs/model/SMORE.yaml`), mechanism
+by mechanism; no code or text was copied from it. Pipeline (top to bottom in `_views`):
 
-Pipeline (top to bottom in `_views`):
-
-1. Spectrum modality fusion. Each modality's (frozen) item features are projected to d dims
-   (a linear layer), transformed with a real FFT along the embedding dimension, and filtered
-   by a learnable complex response per modality (the denoising filter). The filtered spectrum
-   is brought back with the inverse FFT: the uni-modal representation of that modality. The
-   fused representation multiplies the filtered spectra of all modalities (a point-wise product
-   in frequency = a circular convolution in the embedding domain) and applies a learnable
-   fusion filter before the inverse FFT. See `spectral_filter` and `spectral_fusion`.
-2. Multi-modal graph learning. One item-item kNN graph per modality, built on the raw
-   features (cosine top-k, self included), and a fused graph (element-wise max of the
-   modality graphs, i.e. the union of the neighbour sets). Each graph is binarised and
-   normalised D^-1/2 A D^-1/2 (D: row degrees). Uni-modal representations propagate over
-   their modality's graph, the fused one over the fused graph (n_mm_layers layers, last layer
-   kept); users get each view by aggregating their items' representations over the
-   normalised user-item graph.
-   Behaviour view: LightGCN over the user-item graph on ID embeddings (n_ui_layers, mean of
+1. Spectrum modality fusion. Each modality's raw item features (trainable: fine-tuned with the
+   rest, as the reference does) are projected to d dims by a linear layer and transformed with
+   an orthonormal real FFT along the embedding dimension. Uni-modal denoising: each spectrum is
+   multiplied by its own learnable complex filter and brought back with the inverse FFT.
+   Cross-modal fusion: the UNFILTERED spectra of all modalities are multiplied together and by a
+   learnable fusion filter, then inverted. All filters start random (standard normal real and
+   imaginary parts). See `spectral_fusion`.
+2. Item views modulated by the ID table. View v of item i = e_i * sigmoid(W_v s_v,i + b_v): the
+   item's ID embedding gated element-wise by its spectral output s_v (one gate per modality and
+   one for the fused view). So the modality views learn through the ID table too.
+3. Multi-modal graphs. One item-item kNN graph per modality, built once from the raw features
+   as loaded: cosine top-k (self included), each edge weighted by its cosine, normalised
+   D^-1/2 S D^-1/2 with D the weighted row sums. The fused graph is the element-wise max of
+   the normalised modality graphs over the union of their edges (not renormalised). Each item
+   view propagates over its graph (n_mm_layers, last layer kept); users get each view from
+   their items through the normalised user-item block.
+   Behaviour view: LightGCN over the user-item graph on the ID embeddings (n_ui_layers, mean of
    the layer outputs, layer 0 included).
-3. Modality-aware preference. A sigmoid gate per view, computed from the node's behaviour (ID)
-   embedding, g_v = sigmoid(W_v e_id + b_v), scales that view's representation. The
-   multimodal representation is the mean of the gated uni-modal views plus the gated fused
-   view; the final embedding is e_id + h_mm.
-4. Loss: BPR + cl_weight * InfoNCE(behaviour view, multimodal view; temperature tau) over the
-   batch's distinct users and distinct positive items (other rows of the batch are the
-   negatives) + reg_weight * L2 of the batch's ego ID embeddings.
+4. Modality-aware preference. For each modality m, a query network on the fused view
+   (linear, tanh, bias-free linear) gives a softmax over the d dimensions that re-weights view
+   m. A sigmoid gate per view (modalities and fused), computed from the behaviour view, scales
+   it; `dropout` applies to these preference gates. The side representation is the MEAN of the
+   re-weighted modality views and the gated fused view; the final embedding is behaviour + side.
+5. Loss: BPR on the final embeddings + reg_weight * (half the squared norms of the batch's
+   final user, positive and negative vectors) / batch rows + cl_weight * [InfoNCE(side,
+   behaviour) over the batch's positive items + the same over the batch's users] (rows as in
+   the batch, repeats included; the other rows are the negatives; temperature tau).
+6. Learning rate: lr * lr_decay ** ((epoch - 1) / lr_decay_epochs) in epoch `epoch` (1-based),
+   the reference's scheduler [0.96, 50] (`lr_factor`, read by the trainer).
 
-Interpretations (where the paper leaves room, or where this library generalises it):
-- Modalities: any number >= 1. The kNN size is `image_knn_k` for a modality named 'image'
-  and `text_knn_k` for every other modality. With one modality the "fusion" is that
-  modality's filtered spectrum times the fusion filter, over the same graph.
-- Filters are initialised all-pass (response 1), so training starts from the unfiltered
-  projections; the FFTs use orthonormal scaling, so an all-pass filter is exactly the
-  identity.
-- `dropout` is applied to the uni-modal and fused representations right after the inverse FFT
-  (training only).
-- The fused graph is the element-wise max (union of neighbour sets) of the modality graphs.
-- Raw features are fixed (not fine-tuned); only the projections learn.
+Generalisations (the reference has exactly an image and a text modality): any number >= 1 of
+modalities; the kNN size is `image_knn_k` for a modality named 'image' and `text_knn_k` for
+every other; the fused spectrum is the product of all modalities' spectra and the fused graph
+the max over all modality graphs; with one modality the "fusion" is that modality's spectrum
+times the fusion filter. Deliberate difference: the L2 term divides by the batch's own row count
+(the reference divides by the configured batch size, which differs only in an epoch's last,
+shorter batch).
 """
 
 from __future__ import annotations
@@ -51,10 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, cache_dir
+from ..config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Bound
 from ..errors import InputError
 from ..graphs import normalized_adjacency, sparse_matmul, to_torch
-from ..knn import cached_mixed_knn_graph
 from .base import Recommender, bpr_loss, l2_penalty, register
 from .lightgcn import propagate
 
@@ -86,13 +85,14 @@ def spectral_filter(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def spectral_fusion(xs: list[torch.Tensor], filters: list[torch.Tensor], fusion_weights: torch.Tensor):
-    """(filtered x per modality, fused x) from the same filtered spectra.
+    """(denoised x per modality, fused x).
 
-    Uni-modal: irfft(W_m * rfft(x_m)). Fused: irfft(W_f * prod_m W_m * rfft(x_m)).
+    Uni-modal: irfft(W_m * rfft(x_m)). Fused: irfft(W_f * prod_m rfft(x_m)): the fusion uses
+    the raw (unfiltered) spectra, so it is a circular convolution of the modalities' rows.
     """
     d = xs[0].shape[-1]
-    spectra = [torch.fft.rfft(x, dim=-1, norm="ortho") * _as_complex(w) for x, w in zip(xs, filters)]
-    uni = [torch.fft.irfft(s, n=d, dim=-1, norm="ortho") for s in spectra]
+    spectra = [torch.fft.rfft(x, dim=-1, norm="ortho") for x in xs]
+    uni = [torch.fft.irfft(s * _as_complex(w), n=d, dim=-1, norm="ortho") for s, w in zip(spectra, filters)]
     fused = spectra[0]
     for s in spectra[1:]:
         fused = fused * s
@@ -110,15 +110,49 @@ def all_pass(d: int) -> torch.Tensor:
 # -- graphs -----------------------------------------------------------------------------------
 
 
-def sym_normalize(a: sp.spmatrix) -> sp.csr_matrix:
-    """D^-1/2 A D^-1/2 of the binarised A (D: row degrees); zero rows stay zero."""
+def cosine_knn(features: np.ndarray, k: int, chunk: int = 2048) -> sp.csr_matrix:
+    """Each row's top-k cosine neighbours (itself included), each edge weighted by its cosine."""
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    x = F.normalize(x, dim=1)
+    rows, cols, vals = [], [], []
+    for start in range(0, len(x), chunk):
+        sim = x[start:start + chunk] @ x.T
+        top = torch.topk(sim, k, dim=1)
+        rows.append(np.repeat(np.arange(start, start + len(sim)), k))
+        cols.append(top.indices.reshape(-1).numpy())
+        vals.append(top.values.reshape(-1).numpy())
+    n = len(x)
+    out = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    out.sort_indices()
+    return out
+
+
+def sym_normalize_weighted(a: sp.spmatrix) -> sp.csr_matrix:
+    """D^-1/2 A D^-1/2 with D the (weighted) row sums of A; rows summing to <= 0 become zero."""
     a = sp.csr_matrix(a, dtype=np.float32, copy=True)
-    a.data[:] = 1.0
-    a.eliminate_zeros()
     degree = np.asarray(a.sum(axis=1)).ravel()
     inv = np.zeros_like(degree)
     inv[degree > 0] = degree[degree > 0] ** -0.5
     out = (sp.diags(inv) @ a @ sp.diags(inv)).tocsr().astype(np.float32)
+    out.sort_indices()
+    return out
+
+
+def elementwise_max(graphs: list[sp.spmatrix]) -> sp.csr_matrix:
+    """Max over the graphs of each entry, over the UNION of their stored entries (an entry missing
+    from a graph does not count as 0: a negative weight stored in one graph survives)."""
+    coo = [g.tocoo() for g in graphs]
+    n = graphs[0].shape
+    row = np.concatenate([c.row for c in coo]).astype(np.int64)
+    col = np.concatenate([c.col for c in coo]).astype(np.int64)
+    val = np.concatenate([c.data for c in coo]).astype(np.float32)
+    key = row * n[1] + col
+    order = np.lexsort((-val, key))  # per key, largest value first
+    key, val = key[order], val[order]
+    first = np.ones(len(key), dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    key, val = key[first], val[first]
+    out = sp.csr_matrix((val, (key // n[1], key % n[1])), shape=n)
     out.sort_indices()
     return out
 
@@ -134,27 +168,41 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
     return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
 
 
+def query_network(d: int) -> nn.Sequential:
+    """The preference module's query: linear, tanh, bias-free linear (d -> d)."""
+    return nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d, bias=False))
+
+
+def gate(d: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d, d), nn.Sigmoid())
+
+
 @register
 class SMORE(Recommender):
     name = "smore"
     needs_features = True
     graph_attributes = ("adjacency", "user_item", "user_item_t")
+    # The reference yaml's first configuration (its grid: n_ui_layers [3, 4], image/text k
+    # [10, 15, 20, 40], reg [1e-5, 1e-4], dropout [0, 0.1]); lr schedule [0.96, 50].
     defaults = {
         "embedding_size": 64,
         "lr": 1e-3,
-        "n_ui_layers": 4,
+        "epochs": 1000,
+        "n_ui_layers": 3,
         "n_mm_layers": 1,
-        "image_knn_k": 40,
-        "text_knn_k": 15,
-        "reg_weight": 1e-4,
-        "dropout": 0.1,
+        "image_knn_k": 10,
+        "text_knn_k": 10,
+        "reg_weight": 1e-5,
+        "dropout": 0.0,
         "cl_weight": 0.01,
         "tau": 0.2,
+        "lr_decay": 0.96,
+        "lr_decay_epochs": 50,
     }
     bounds = {
         "embedding_size": AT_LEAST_1, "n_ui_layers": AT_LEAST_0, "n_mm_layers": AT_LEAST_0,
         "image_knn_k": AT_LEAST_1, "text_knn_k": AT_LEAST_1, "reg_weight": AT_LEAST_0, "dropout": FRACTION,
-        "cl_weight": AT_LEAST_0, "tau": POSITIVE,
+        "cl_weight": AT_LEAST_0, "tau": POSITIVE, "lr_decay": Bound(0, 1, low_open=True), "lr_decay_epochs": POSITIVE,
     }
     key_help = {
         "embedding_size": "embedding width",
@@ -162,10 +210,12 @@ class SMORE(Recommender):
         "n_mm_layers": "item-item graph layers for the modality and fused views",
         "image_knn_k": "kNN size of the 'image' modality graph (at most the number of items)",
         "text_knn_k": "kNN size of every other modality's graph (at most the number of items)",
-        "reg_weight": "weight of the L2 penalty",
-        "dropout": "dropout of the uni-modal and fused representations (training only)",
+        "reg_weight": "weight of the L2 penalty on the batch's final embeddings",
+        "dropout": "dropout of the preference gates (training only)",
         "cl_weight": "weight of the contrastive term",
         "tau": "temperature of the contrastive term",
+        "lr_decay": "learning-rate factor per lr_decay_epochs epochs (1 = constant)",
+        "lr_decay_epochs": "epochs over which the learning rate shrinks by lr_decay",
     }
     search_space = {
         "n_ui_layers": [3, 4],
@@ -190,86 +240,91 @@ class SMORE(Recommender):
         super().__init__(dataset, config)
         d = config["embedding_size"]
         self.modalities = dataset.modalities
+        n_modal = len(self.modalities)
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, d)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))
-        self.add_modality_projections(dataset, d)
-        # Complex responses stored as real (d//2+1, 2) tensors, initialised all-pass.
-        self.filters = nn.ParameterList(nn.Parameter(all_pass(d)) for _ in self.modalities)
-        self.fusion_filter = nn.Parameter(all_pass(d))
-        self.dropout = nn.Dropout(config["dropout"])
-        n_views = len(self.modalities) + 1  # uni-modal views, then the fused view
-        self.gates = nn.ModuleList(nn.Linear(d, d) for _ in range(n_views))
 
-        # Fixed graphs (plain attributes, moved in _apply; rebuilt from the data, not saved).
+        # 3. Fixed graphs from the raw features as loaded (before any fine-tuning), and the
+        # user-item graph. Plain attributes moved in _apply; rebuilt from the data, not saved.
+        modal = [
+            sym_normalize_weighted(cosine_knn(dataset.features[name], modality_k(name, config)))
+            for name in self.modalities
+        ]
+        self.item_graphs = [(to_torch(g), to_torch(g.T.tocsr())) for g in [*modal, elementwise_max(modal)]]
         adjacency = normalized_adjacency(dataset.train)
         self.adjacency = to_torch(adjacency)
         ui = adjacency[: self.n_users, self.n_users:].tocsr()  # normalised user-item block
         self.user_item, self.user_item_t = to_torch(ui), to_torch(ui.T.tocsr())
-        folder = cache_dir(config)
-        modal = []
-        for name in self.modalities:
-            knn = cached_mixed_knn_graph(
-                {name: dataset.features[name]}, modality_k(name, config), {name: 1.0}, dataset.fingerprint, folder
-            )
-            modal.append(sym_normalize(knn))
-        fused = modal[0]
-        for g in modal[1:]:
-            fused = fused.maximum(g)
-        self.item_graphs = []
-        for g in [*modal, sym_normalize(fused)]:
-            self.item_graphs.append((to_torch(g), to_torch(g.T.tocsr())))
+
+        # 1. Trainable raw features and their projections; complex filters stored as real
+        # (d//2+1, 2) tensors, random at the start.
+        self.add_modality_projections(dataset, d, trainable_features=True)
+        self.filters = nn.ParameterList(nn.Parameter(torch.randn(d // 2 + 1, 2)) for _ in self.modalities)
+        self.fusion_filter = nn.Parameter(torch.randn(d // 2 + 1, 2))
+        # 2. ID gates per view (modalities, then fused); 4. queries per modality, preference gates per view.
+        self.view_gates = nn.ModuleList(gate(d) for _ in range(n_modal + 1))
+        self.queries = nn.ModuleList(query_network(d) for _ in range(n_modal))
+        self.prefer_gates = nn.ModuleList(gate(d) for _ in range(n_modal + 1))
+        self.dropout = nn.Dropout(config["dropout"])
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        self.item_graphs = [(fn(a), fn(a_t)) for a, a_t in self.item_graphs]  # one pair per modality
+        self.item_graphs = [(fn(a), fn(a_t)) for a, a_t in self.item_graphs]  # one pair per view
         return out
 
-    # -- 1-3: views ---------------------------------------------------------------------------
+    def lr_factor(self, epoch: int) -> float:
+        """The learning-rate multiplier of (1-based) `epoch`: the reference's scheduler, which
+        uses lr_decay ** (e / lr_decay_epochs) in its 0-based epoch e."""
+        return self.config["lr_decay"] ** ((epoch - 1) / self.config["lr_decay_epochs"])
 
-    def spectral_views(self) -> list[torch.Tensor]:
-        """Item representations per view (I x d): the filtered modalities, then the fused one."""
+    # -- 1-4: views ---------------------------------------------------------------------------
+
+    def item_views(self) -> list[torch.Tensor]:
+        """Item representations per view (I x d) before the graphs: the ID table gated by each
+        modality's denoised spectral output, then by the fused one."""
         projected = [proj(feat) for proj, feat in zip(self.projections, self.item_features())]
         uni, fused = spectral_fusion(projected, list(self.filters), self.fusion_filter)
-        return [self.dropout(x) for x in (*uni, fused)]
+        return [self.item_emb * g(x) for g, x in zip(self.view_gates, (*uni, fused))]
 
     def _views(self):
-        """(behaviour view, multimodal view), each (U + I) x d, users first."""
+        """(behaviour view, side view), each (U + I) x d, users first."""
         ego = torch.cat([self.user_emb, self.item_emb])
         behaviour = torch.stack(propagate(self.adjacency, ego, self.config["n_ui_layers"])).mean(0)
-        multimodal = 0
-        views = self.spectral_views()
-        n_uni = len(views) - 1
-        for v, (h, (graph, graph_t), gate) in enumerate(zip(views, self.item_graphs, self.gates)):
+        views = []
+        for h, (graph, graph_t) in zip(self.item_views(), self.item_graphs):
             for _ in range(self.config["n_mm_layers"]):
                 h = sparse_matmul(graph, h, graph_t)
-            h = torch.cat([sparse_matmul(self.user_item, h, self.user_item_t), h])
-            gated = torch.sigmoid(gate(behaviour)) * h
-            multimodal = multimodal + (gated / n_uni if v < n_uni else gated)
-        return behaviour, multimodal
+            views.append(torch.cat([sparse_matmul(self.user_item, h, self.user_item_t), h]))
+        *modal, fused = views
+        preferences = [self.dropout(g(behaviour)) for g in self.prefer_gates]
+        side = [
+            p * torch.softmax(q(fused), dim=-1) * v for p, q, v in zip(preferences, self.queries, modal)
+        ]
+        side.append(preferences[-1] * fused)
+        return behaviour, torch.stack(side).mean(0)
 
     def embed(self):
-        behaviour, multimodal = self._views()
-        out = behaviour + multimodal
+        behaviour, side = self._views()
+        out = behaviour + side
         return out[: self.n_users], out[self.n_users:]
 
-    # -- 4: loss ------------------------------------------------------------------------------
+    # -- 5: loss ------------------------------------------------------------------------------
 
     def loss(self, batch):
         cfg = self.config
-        behaviour, multimodal = self._views()
-        out = behaviour + multimodal
+        behaviour, side = self._views()
+        out = behaviour + side
         users, items = out[: self.n_users], out[self.n_users:]
-        u = users[batch.users]
-        rec = bpr_loss((u * items[batch.pos_items]).sum(1), (u * items[batch.neg_items]).sum(1))
-        reg = cfg["reg_weight"] * l2_penalty(
-            self.user_emb[batch.users], self.item_emb[batch.pos_items], self.item_emb[batch.neg_items]
-        )
+        u, i, j = users[batch.users], items[batch.pos_items], items[batch.neg_items]
+        rec = bpr_loss((u * i).sum(1), (u * j).sum(1))
+        reg = cfg["reg_weight"] * l2_penalty(u, i, j)
         total = rec + reg
         parts = {"bpr": rec.item(), "reg": reg.item()}
         if cfg["cl_weight"]:
-            uu = torch.unique(batch.users)
-            ii = torch.unique(batch.pos_items) + self.n_users
-            cl = info_nce(behaviour[uu], multimodal[uu], cfg["tau"]) + info_nce(behaviour[ii], multimodal[ii], cfg["tau"])
+            pos = batch.pos_items + self.n_users
+            cl = info_nce(side[pos], behaviour[pos], cfg["tau"]) + info_nce(
+                side[batch.users], behaviour[batch.users], cfg["tau"]
+            )
             total = total + cfg["cl_weight"] * cl
             parts["cl"] = cl.item()
         return total, parts

@@ -8,18 +8,21 @@ where gamma_u, gamma_i are latent ID factors, f_i is the item's (visual) content
 learned linear map from the feature space into a small "visual" space, and theta_u is the user's
 preference vector in that space. It is trained with the BPR loss plus L2 regularisation.
 
-What this file does, and the interpretations made:
+This file follows the reference implementation the field's figures come from (MMRec's
+`src/models/vbpr.py`, `configs/model/VBPR.yaml`), mechanism by mechanism; no code was copied:
 
-* Score = gamma_u . gamma_i + theta_u . (E f_i): the bias terms (alpha, beta_u, beta_i, beta') are
-  dropped, as in the common "64-d embedding" formulation of the baseline. Then the model is an
-  inner product of a user vector [gamma_u, theta_u] and an item vector [gamma_i, E f_i], which is
-  what `embed()` returns (default dot-product `score`).
-* `embedding_size` is the TOTAL width: half ID factors, half content space (32 + 32 by default).
-* f_i is the concatenation of ALL the dataset's content modalities (in the dataset's order), the raw
-  features unchanged (float32). E is a bias-free linear layer (the paper's E has no bias).
-* Regulariser as the field's reference (MMRec `src/models/vbpr.py`): reg_weight times the Frobenius
-  norms (NOT squared) of the batch's whole user vectors [gamma_u, theta_u], positive and negative
-  item vectors [gamma_i, E f_i], [gamma_j, E f_j], over the batch (`base.embedding_norm_penalty`).
+* Score = gamma_u . gamma_i + theta_u . (E f_i + b): an inner product of a user vector
+  [gamma_u, theta_u] and an item vector [gamma_i, E f_i + b], which is what `embed()` returns.
+  The paper's scalar biases are not there; the content layer has a bias vector b.
+* Widths: `embedding_size` d is the width of EACH part: users are 2d wide (one xavier-uniform
+  table, its first d columns gamma_u, its last d theta_u), items d of ID factors (xavier-uniform)
+  plus d of content; 64 + 64 by default.
+* f_i is the concatenation of ALL the dataset's content modalities (in the dataset's order), the
+  raw features unchanged and frozen. E is xavier-normal, b starts at 0.
+* Regulariser: reg_weight times the Frobenius norms (NOT squared) of the batch's whole user vectors
+  [gamma_u, theta_u] and positive and negative item vectors [gamma_i, E f_i + b], [gamma_j, E f_j + b],
+  over the batch (`base.embedding_norm_penalty`, MMRec's EmbLoss). Default 2.0: the first value of
+  the reference grid.
 * `score_parts` returns the ID part and the content part of the score separately; they sum to the
   full score.
 """
@@ -30,8 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError
-from ..config import AT_LEAST_0, Bound
+from ..config import AT_LEAST_0, AT_LEAST_1
 from .base import Recommender, bpr_loss, embedding_norm_penalty, register
 
 
@@ -46,39 +48,33 @@ def concatenated_features(dataset) -> torch.Tensor:
 class VBPR(Recommender):
     name = "vbpr"
     needs_features = True
-    defaults = {"embedding_size": 64, "lr": 1e-3, "reg_weight": 1e-4}
-    bounds = {"embedding_size": Bound(low=2), "reg_weight": AT_LEAST_0}
+    defaults = {"embedding_size": 64, "lr": 1e-3, "epochs": 1000, "reg_weight": 2.0}
+    bounds = {"embedding_size": AT_LEAST_1, "reg_weight": AT_LEAST_0}
     key_help = {
-        "embedding_size": "width of the ID factors plus the content factors (half each; even)",
+        "embedding_size": "width of the item ID factors and of the content factors (users: both, 2x)",
         "reg_weight": "weight of the norm penalty (not squared) on the batch's user and item vectors",
     }
-    search_space = {"reg_weight": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
-
-    @classmethod
-    def check(cls, dataset, config):
-        super().check(dataset, config)
-        d = config["embedding_size"]
-        if d < 2 or d % 2:
-            raise InputError(
-                f"config key 'embedding_size': vbpr splits it in half (ID factors + content factors), "
-                f"so it must be an even number >= 2, got {d}"
-            )
+    search_space = {"reg_weight": [2.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5]}
 
     def __init__(self, dataset, config):
         super().__init__(dataset, config)
-        half = config["embedding_size"] // 2
-        self.user_id = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, half)))  # gamma_u
-        self.item_id = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, half)))  # gamma_i
-        self.user_content = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, half)))  # theta_u
+        d = config["embedding_size"]
+        # One 2d-wide user table, as the reference draws it (xavier bounds depend on the width).
+        users = nn.init.xavier_uniform_(torch.empty(self.n_users, 2 * d))
+        self.user_id = nn.Parameter(users[:, :d].clone())  # gamma_u
+        self.user_content = nn.Parameter(users[:, d:].clone())  # theta_u
+        self.item_id = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))  # gamma_i
         features = concatenated_features(dataset)
         # Data, not parameters: rebuilt from the dataset, so not saved in checkpoints.
         self.register_buffer("features", features, persistent=False)
-        self.projection = nn.Linear(features.shape[1], half, bias=False)  # E
+        self.projection = nn.Linear(features.shape[1], d)  # E, b
+        nn.init.xavier_normal_(self.projection.weight)
+        nn.init.zeros_(self.projection.bias)
         self.modalities = dataset.modalities
         self.modality_widths = [f.shape[1] for f in dataset.features.values()]  # f's column blocks
 
     def item_content(self, items: torch.Tensor | None = None) -> torch.Tensor:
-        """E f_i for `items` (all items when None)."""
+        """E f_i + b for `items` (all items when None)."""
         feats = self.features if items is None else self.features[items]
         return self.projection(feats)
 
@@ -108,29 +104,33 @@ class VBPR(Recommender):
     # -- serving: explanations and cold-start items (used by fitmm.api, never by training) -----
 
     def _content_parts(self, feats: torch.Tensor) -> torch.Tensor:
-        """(n x C x half): E_m f_m per modality m, E_m = E's columns of modality m; they sum to E f."""
+        """(n x (C+1) x d): E_m f_m per modality m (E_m = E's columns of modality m), then the
+        content layer's bias b; they sum to E f + b."""
         widths = self.modality_widths
-        w = self.projection.weight  # (half x sum of widths)
+        w = self.projection.weight  # (d x sum of widths)
         blocks = zip(feats.split(widths, dim=1), w.split(widths, dim=1))
-        return torch.stack([f @ e.T for f, e in blocks], dim=1)
+        parts = [f @ e.T for f, e in blocks]
+        parts.append(self.projection.bias.expand(len(feats), -1))
+        return torch.stack(parts, dim=1)
 
     @torch.no_grad()
     def explain_parts(self):
-        """Users: [gamma_u, theta_u] (U x 2 x half); items: [gamma_i, E_1 f_1, ...] (I x (1+C) x half)."""
+        """Users: [gamma_u, theta_u] (U x 2 x d); items: [gamma_i, E_1 f_1, ..., b] (I x (2+C) x d)."""
         users = torch.stack([self.user_id, self.user_content], dim=1)
         items = torch.cat([self.item_id[:, None], self._content_parts(self.features)], dim=1)
         return users, items
 
     def explain(self, user_part, item_part):
-        """modalities: id = gamma_u . gamma_i; modality m = theta_u . E_m f_m; they sum to the score."""
+        """modalities: id = gamma_u . gamma_i; modality m = theta_u . E_m f_m; bias = theta_u . b
+        (the same for every item); they sum to the score."""
         u, i = user_part.double(), item_part.double()
         parts = [u[0] @ i[0]] + [u[1] @ i[m] for m in range(1, i.shape[0])]
-        names = ["id", *self.modalities]
+        names = ["id", *self.modalities, "bias"]
         return {"score": float(sum(parts)), "modalities": {n: float(c) for n, c in zip(names, parts)}}
 
     @torch.no_grad()
     def cold_items(self, dataset, features):
-        """A new item: no ID factors (zero), its content through E."""
+        """A new item: no ID factors (zero), its content through E and b."""
         feats = torch.cat([torch.as_tensor(features[m], dtype=torch.float32) for m in self.modalities], dim=1)
         content = self._content_parts(feats.to(self.features.device))
         parts = torch.cat([content.new_zeros(content.shape[0], 1, content.shape[2]), content], dim=1)

@@ -54,6 +54,7 @@ class BM3(Recommender):
     defaults = {
         "embedding_size": 64,
         "lr": 1e-3,
+        "epochs": 1000,  # the reference trainer's cap (MMRec); early stopping ends runs long before
         "n_layers": 1,
         "dropout": 0.3,
         "reg_weight": 0.1,

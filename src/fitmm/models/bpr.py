@@ -19,7 +19,7 @@ from .base import Recommender, bpr_loss, embedding_norm_penalty, register
 @register
 class BPRMF(Recommender):
     name = "bpr"
-    defaults = {"embedding_size": 64, "lr": 1e-3, "reg_weight": 2.0}
+    defaults = {"embedding_size": 64, "lr": 1e-3, "epochs": 1000, "reg_weight": 2.0}
     bounds = {"embedding_size": AT_LEAST_1, "reg_weight": AT_LEAST_0}
     key_help = {
         "embedding_size": "embedding width",

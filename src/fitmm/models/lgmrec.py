@@ -76,6 +76,7 @@ class LGMRec(Recommender):
     defaults = {
         "embedding_size": 64,
         "lr": 1e-3,
+        "epochs": 1000,  # the reference trainer's cap (MMRec); early stopping ends runs long before
         "n_ui_layers": 2,
         "n_mm_layers": 2,
         "hyper_num": 4,

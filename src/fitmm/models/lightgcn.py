@@ -28,7 +28,7 @@ def propagate(adjacency: torch.Tensor, x: torch.Tensor, n_layers: int) -> list[t
 @register
 class LightGCN(Recommender):
     name = "lightgcn"
-    defaults = {"embedding_size": 64, "lr": 1e-3, "reg_weight": 1e-2, "n_layers": 1}
+    defaults = {"embedding_size": 64, "lr": 1e-3, "epochs": 1000, "reg_weight": 1e-2, "n_layers": 1}
     bounds = {"embedding_size": AT_LEAST_1, "reg_weight": AT_LEAST_0, "n_layers": AT_LEAST_0}
     key_help = {
         "embedding_size": "embedding width",

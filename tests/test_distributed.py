@@ -89,6 +89,9 @@ def _ddp_gradient_worker(rank: int, world: int, rendezvous: str, config: dict, o
                 json.dump({"worst_relative": worst, "ib_grad_norm": float(ib_grad.norm()),
                            "gate_grad_diff": float(diff.norm())}, handle)
     finally:
+        # Leave together: a rank that tears gloo down while its peer still works can make the peer
+        # abort (seen as a SIGABRT of rank 1 in CI), as the trainer's own teardown avoids.
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -1,6 +1,7 @@
 """Data-parallel training (distributed.py): batch slices, exact gathered evaluation, DDP gradients
 equal to one process's, and a real 2-process gloo run through `fitmm train --nproc 2` (torchrun)."""
 
+import gc
 import json
 import os
 import subprocess
@@ -61,6 +62,7 @@ def _ddp_gradient_worker(rank: int, world: int, rendezvous: str, config: dict, o
     """Rank `rank` of 2: the DDP gradient of its slice of a 2 x 256-row batch; rank 0 also computes
     the 1-process gradient of the whole batch and compares."""
     torch.set_num_threads(1)
+    ddp_loss = model = None
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         dataset = small_dataset()
@@ -89,8 +91,11 @@ def _ddp_gradient_worker(rank: int, world: int, rendezvous: str, config: dict, o
                 json.dump({"worst_relative": worst, "ib_grad_norm": float(ib_grad.norm()),
                            "gate_grad_diff": float(diff.norm())}, handle)
     finally:
-        # Leave together: a rank that tears gloo down while its peer still works can make the peer
-        # abort (seen as a SIGABRT of rank 1 in CI), as the trainer's own teardown avoids.
+        # The DDP wrapper must die before its process group: a reducer destroyed after
+        # destroy_process_group (at the function's or the interpreter's exit) aborts the process
+        # (SIGABRT, seen in CI). Then leave together, as the trainer's own teardown does.
+        ddp_loss = model = None
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

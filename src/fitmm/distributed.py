@@ -64,6 +64,11 @@ def setup(device_name: str) -> "Context":
 
 def teardown() -> None:
     if dist.is_initialized():
+        # DDP wrappers left in reference cycles must be freed while their process group lives:
+        # a reducer destroyed after it aborts the process at exit.
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -48,7 +48,7 @@ import numpy as np
 
 from . import runio
 from . import search as hpsearch
-from .config import BASE_DEFAULTS, resolve
+from .config import BASE_DEFAULTS, RESULT_NEUTRAL_KEYS, resolve
 from .data import load as load_dataset
 from .errors import InputError
 from .models import model_class
@@ -66,8 +66,6 @@ RESERVED = {
     "data": "use --data",
     "selection": "bench always uses selection=clean (test evaluated once per run)",
 }
-# --set keys that do not change a run's numbers, so they do not change a cell's name either.
-NOT_IN_HASH = {"progress", "threads", "device", "cache_dir", "eval_batch_size"}
 NONE = "–"
 
 
@@ -169,7 +167,7 @@ def cell_overrides(config: dict[str, Any], shared: dict[str, Any], point: dict[s
     return {
         "model": config["model"],
         "data": config["data"],
-        "set": {k: config[k] for k in sorted(shared) if k not in NOT_IN_HASH},
+        "set": {k: config[k] for k in sorted(shared) if k not in RESULT_NEUTRAL_KEYS},
         "grid": {k: config[k] for k in point if config[k] != defaults[k]},
     }
 

@@ -138,6 +138,10 @@ KEY_HELP: dict[str, str] = {
     "synthetic_feature_noise": "synthetic data: feature noise std relative to the signal",
 }
 
+# Keys that never change a run's numbers (display, speed, where caches live): `fitmm bench` leaves
+# them out of a cell's name and `fitmm search` out of a study's definition.
+RESULT_NEUTRAL_KEYS = frozenset({"progress", "threads", "device", "cache_dir", "eval_batch_size"})
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "selection": ("clean", "mmrec"),

@@ -52,7 +52,7 @@ from typing import Any, Callable
 import yaml
 
 from . import runio
-from .config import model_keys, read_config_file, resolve, unknown_key_message
+from .config import RESULT_NEUTRAL_KEYS, model_keys, read_config_file, resolve, unknown_key_message
 from .data import load as load_dataset
 from .errors import InputError, quote
 from .models import model_class
@@ -70,8 +70,6 @@ RESERVED = {
     "seed": "use --seed",
     "selection": "search trials never evaluate test, so selection is always clean",
 }
-# --set keys that do not change a trial's numbers: they may differ between runs of one study.
-NOT_IN_DEFINITION = {"progress", "threads", "device", "cache_dir", "eval_batch_size"}
 TYPES = ("float", "int", "categorical", "weights")
 FIELDS = {"float": {"low", "high", "log"}, "int": {"low", "high", "log"}, "categorical": {"choices"}, "weights": set()}
 FINISHED = ("COMPLETE", "PRUNED")
@@ -258,7 +256,7 @@ class Search:
             "model": self.model,
             "data_fingerprint": dataset.fingerprint,
             "seed": self.seed,
-            "set": {k: v for k, v in sorted(self.fixed.items()) if k not in NOT_IN_DEFINITION},
+            "set": {k: v for k, v in sorted(self.fixed.items()) if k not in RESULT_NEUTRAL_KEYS},
             "space": {k: p.describe() for k, p in self.space.items()},
         }
 
@@ -602,7 +600,7 @@ def rerun(config: dict[str, Any], dataset, run_dir: Path, log) -> dict[str, Any]
     import json
 
     def numbers(c):  # threads, progress...: a re-run with other values is the same run
-        return {k: v for k, v in c.items() if k not in NOT_IN_DEFINITION}
+        return {k: v for k, v in c.items() if k not in RESULT_NEUTRAL_KEYS}
 
     same = (run_dir / "config.yaml").is_file() and numbers(read_config_file(run_dir / "config.yaml")) == numbers(config)
     if same and (run_dir / "summary.json").is_file():

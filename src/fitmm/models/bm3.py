@@ -2,7 +2,9 @@
 
 A self-supervised model with NO negative samples and no auxiliary graphs. It follows the
 mechanisms of the reference implementation (MMRec `src/models/bm3.py`, `configs/model/BM3.yaml`),
-read mechanism by mechanism and re-written here; no code was copied.
+read mechanism by mechanism and re-written here; no code was copied. Lines checked (MMRec commit
+e775373, `src/models/bm3.py`): encoder 84-95, projections and predictor 44-56, targets 106-119,
+loss 121-147 (regulariser: `src/common/loss.py` 38-51).
 
 1. Encoders. User and item ID embeddings are encoded by LightGCN over the normalised user-item
    graph (n_layers layers; readout = mean of layers 0..L): h_u; the item vector ADDS the item's

@@ -15,7 +15,7 @@ What the paper does, step by step (and how this file does it):
    weights otherwise.
 2. Denoised user-item graph. Every epoch, degree-sensitive edge pruning samples the training
    edges to KEEP with probability proportional to 1 / sqrt(deg_u * deg_i) (edges between two
-   popular nodes are the likeliest to be dropped), keeping round((1 - dropout) * |E|) of them, and
+   popular nodes are the likeliest to be dropped), keeping floor((1 - dropout) * |E|) of them, and
    the pruned symmetric adjacency is re-normalised D^-1/2 A D^-1/2 with its own degrees.
    Interpretation: the draws are without replacement, each successive draw proportional to the
    weights of the edges not drawn yet (the reference's torch.multinomial), keeping

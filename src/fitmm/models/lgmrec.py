@@ -2,7 +2,10 @@
 
 Follows the mechanisms of the reference implementation (MMRec `src/models/lgmrec.py`, from the
 authors' repository, and its `configs/model/LGMRec.yaml`), read mechanism by mechanism and
-re-written here; no code was copied.
+re-written here; no code was copied. Lines checked (MMRec commit e775373, `src/models/lgmrec.py`):
+collaborative branch 70-100, modality branch 103-113, local 131-137, hyperedges 117-126,
+hypergraph 139-143 and 202-214, final 145, loss 153-192 (contrastive 159-166 and 188);
+docs/fidelity.md maps every mechanism to its lines.
 
 1. Local graph embeddings (decoupled):
    - collaborative: LightGCN over the normalised user-item graph on ID embeddings
@@ -36,6 +39,11 @@ Deliberate differences:
 - Any number of modalities >= 1: with more than two, the contrastive term is averaged over the
   ordered pairs (first, later) of modalities; with one it is 0 (the reference needs exactly two).
 - `gumbel: false` replaces the Gumbel-softmax by a plain softmax (an ablation; not in the reference).
+
+Known difference, NOT deliberate (found 2026-11-28, docs/fidelity.md; not yet changed): the
+contrastive term runs from the dataset's FIRST modality to its second, whereas the reference always
+runs from its "v" (image) file to its "t" file (line 188). Where the modalities sort with image
+second (tiktok_mmssl: audio, image) ours runs in the reverse direction.
 """
 
 from __future__ import annotations

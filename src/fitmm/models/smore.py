@@ -2,7 +2,10 @@
 
 Follows the reference implementation the field's figures come from (MMRec's
 `src/models/smore.py`, from the authors' repository, and `configs/model/SMORE.yaml`), mechanism
-by mechanism; no code or text was copied from it. Pipeline (top to bottom in `_views`):
+by mechanism; no code or text was copied from it. Lines checked (MMRec commit e775373,
+`src/models/smore.py`): spectra 188-206, ID-gated views 215-218, graphs 56-75 and 132-153 (with
+`src/utils/utils.py` 134-181), propagation 220-263, preference module 265-284, loss 293-336;
+docs/fidelity.md maps every mechanism to its lines. Pipeline (top to bottom in `_views`):
 
 1. Spectrum modality fusion. Each modality's raw item features (trainable: fine-tuned with the
    rest, as the reference does) are projected to d dims by a linear layer and transformed with

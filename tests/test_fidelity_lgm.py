@@ -110,6 +110,28 @@ def test_lgmrec_contrastive_term_is_summed_over_the_batch_and_the_size_of_bpr(da
     assert 1e-3 * parts["bpr"] < cl_term < 10 * parts["bpr"]
 
 
+def test_lgmrec_contrastive_term_runs_from_image_to_the_other_modality_whatever_the_order(tmp_path):
+    # The reference always anchors on its "v" (image) modality; a folder with audio and image
+    # sorts as audio, image (tiktok_mmssl), which once made ours run audio -> image.
+    data = synthetic.generate(users=120, items=80, mean_interactions=10, feature_dims={"audio": 8, "image": 12})
+    assert data.modalities == ["audio", "image"]
+    model = build("lgmrec", data, tmp_path)
+    assert model.contrastive_anchor() == 1
+    batch = batch_of(data, size=64)
+    torch.manual_seed(1)
+    _, _, g = model._forward()
+    tau = model.config["tau"]
+    (audio_u, audio_i), (image_u, image_i) = g
+    u, p = batch.users, batch.pos_items
+    image_first = contrastive_sum(image_u[u], audio_u[u], audio_u, tau) + contrastive_sum(image_i[p], audio_i[p], audio_i, tau)
+    audio_first = contrastive_sum(audio_u[u], image_u[u], image_u, tau) + contrastive_sum(audio_i[p], image_i[p], image_i, tau)
+    assert model.contrastive(g, batch).item() == pytest.approx(image_first.item(), rel=1e-6)
+    assert abs(image_first.item() - audio_first.item()) > 1e-3 * image_first.item()  # the direction matters
+    # without a modality named 'image', the first one is the anchor
+    assert build("lgmrec", synthetic.generate(users=60, items=40, mean_interactions=8,
+                                              feature_dims={"a": 4, "b": 4}), tmp_path).contrastive_anchor() == 0
+
+
 # -- LGMRec: Gumbel-softmax assignments --------------------------------------------------------
 
 

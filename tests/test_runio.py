@@ -5,6 +5,7 @@ import signal
 
 import pytest
 import torch
+import yaml
 
 from fitmm import runio
 
@@ -47,3 +48,13 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
         runio.atomic_write(path, fail)
     assert path.read_text() == '{\n  "epoch": 1\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_write_yaml_sorts_top_level_keys_but_keeps_the_order_of_nested_mappings(tmp_path):
+    # A `modalities` mapping's order is the dataset's modality order: sorting it on disk made a
+    # run given {image, audio} reload as {audio, image} and refuse its own data.
+    path = tmp_path / "config.yaml"
+    runio.write_yaml(path, {"seed": 1, "modalities": {"image": "image_feat.npy", "audio": "audio_feat.npy"}})
+    text = path.read_text()
+    assert text.index("modalities") < text.index("seed")
+    assert list(yaml.safe_load(text)["modalities"]) == ["image", "audio"]

@@ -85,7 +85,11 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_yaml(path: Path, obj: Any) -> None:
-    text = yaml.safe_dump(obj, sort_keys=True)
+    # Top-level keys sorted for people; nested mappings keep their order, because some carry
+    # meaning (a `modalities` mapping's order is the dataset's modality order).
+    if isinstance(obj, dict):
+        obj = dict(sorted(obj.items()))
+    text = yaml.safe_dump(obj, sort_keys=False)
     atomic_write(path, lambda h: h.write(text.encode()))
 
 

@@ -28,8 +28,8 @@ docs/fidelity.md maps every mechanism to its lines.
 4. Loss: BPR on the final embeddings
        + cl_weight * contrastive term + reg_weight * `embedding_norm_penalty` (Frobenius norms,
          not squared, / batch) of the batch's FINAL user, positive and negative embeddings.
-   The contrastive term is InfoNCE (temperature tau) from the first modality's global embedding
-   to the second's, for every row of the batch (users; positive items), against ALL users
+   The contrastive term is InfoNCE (temperature tau) from the image modality's global embedding
+   to the other's, for every row of the batch (users; positive items), against ALL users
    (all items) as candidates, SUMMED over the rows: its size is comparable with the BPR term at
    cl_weight 1e-4.
 
@@ -37,13 +37,15 @@ Deliberate differences:
 - Evaluation draws its Gumbel noise from a generator seeded with the config's seed, so that
   `embed()` gives the same vectors every time (the reference draws fresh noise per evaluation).
 - Any number of modalities >= 1: with more than two, the contrastive term is averaged over the
-  ordered pairs (first, later) of modalities; with one it is 0 (the reference needs exactly two).
+  pairs (anchor, each other modality); with one it is 0 (the reference needs exactly two).
 - `gumbel: false` replaces the Gumbel-softmax by a plain softmax (an ablation; not in the reference).
 
-Known difference, NOT deliberate (found 2026-11-28, docs/fidelity.md; not yet changed): the
-contrastive term runs from the dataset's FIRST modality to its second, whereas the reference always
-runs from its "v" (image) file to its "t" file (line 188). Where the modalities sort with image
-second (tiktok_mmssl: audio, image) ours runs in the reverse direction.
+The contrastive term's direction follows the reference (line 188): InfoNCE is not symmetric (its
+denominator sums over the candidate view), and the reference always anchors on its "v" (image)
+modality with the "t" modality's embeddings as positives and candidates. Ours anchors on the
+modality named 'image' whatever the dataset's order (tiktok_mmssl sorts as audio, image; running
+audio -> image there, as before 2026-11-28, put LGMRec at 76% of the reference), or on the first
+modality when none is named 'image'.
 """
 
 from __future__ import annotations
@@ -220,12 +222,18 @@ class LGMRec(Recommender):
         users, items, _ = self._forward()
         return users, items
 
+    def contrastive_anchor(self) -> int:
+        """Index of the modality the contrastive term starts from: 'image' (the reference's "v"),
+        else the first."""
+        return self.modalities.index("image") if "image" in self.modalities else 0
+
     def contrastive(self, globals_, batch) -> torch.Tensor:
-        """Modality a's global embedding -> modality b's, for the batch's users (candidates: all
-        users) and positive items (candidates: all items), summed over the batch's rows; averaged
-        over the pairs (first modality, later one)."""
+        """The anchor modality's global embedding -> modality b's, for the batch's users
+        (candidates: all users) and positive items (candidates: all items), summed over the batch's
+        rows; averaged over the pairs (anchor, each other modality)."""
         tau = self.config["tau"]
-        pairs = [(0, b) for b in range(1, len(globals_))]
+        a = self.contrastive_anchor()
+        pairs = [(a, b) for b in range(len(globals_)) if b != a]
         return sum(
             contrastive_sum(globals_[a][0][batch.users], globals_[b][0][batch.users], globals_[b][0], tau)
             + contrastive_sum(globals_[a][1][batch.pos_items], globals_[b][1][batch.pos_items], globals_[b][1], tau)

@@ -55,7 +55,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import shlex
 import shutil
@@ -70,7 +69,7 @@ import yaml
 
 from fitmm import bench, runio
 from fitmm import cli as fitmm_cli
-from fitmm.config import RESULT_NEUTRAL_KEYS, parse_set, read_config_file, resolve
+from fitmm.config import RESULT_NEUTRAL_KEYS, parse_set, read_config_file
 from fitmm.errors import InputError
 from fitmm.models import model_class
 
@@ -260,7 +259,7 @@ def parse_datasets(text: str | None, quick: bool, root: Path) -> list[Data]:
     names = DEFAULT_DATASETS if text is None else [n.strip() for n in text.split(",") if n.strip()]
     out = []
     for name in names:
-        path = Path(name) if ("/" in name or Path(name).is_dir()) else root / name
+        path = Path(name) if "/" in name else root / name
         missing = "" if path.is_dir() else f"{path} not found"
         out.append(Data(path.name, str(path), [], missing))
     return out
@@ -276,13 +275,6 @@ def parse_ablations(text: str | None) -> list[Variant]:
             raise InputError(f"--ablations: {slug!r} is not an ablation; choose from {', '.join(by_slug)}")
         chosen.append(by_slug[slug])
     return chosen
-
-
-def content_tag(path: Path) -> str:
-    import hashlib
-
-    text = json.dumps(read_config_file(path), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def parse_base(text: str) -> Base:
@@ -446,8 +438,15 @@ def candidate_file(plan: Plan, name: str) -> Path:
     return plan.out / "cross" / f"candidate-{name}.yaml"
 
 
-def cross_dir(plan: Plan, source: str, target: str) -> Path:
-    return plan.out / "cross" / f"{source}-on-{target}"
+def tag(mapping: dict[str, Any]) -> str:
+    """A short stable hash of a configuration mapping (names the folders of its runs)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(mapping, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def content_tag(path: Path) -> str:
+    return tag(read_config_file(path))
 
 
 def cross_argv(plan: Plan, source: str, target: Data) -> list[str]:
@@ -455,34 +454,62 @@ def cross_argv(plan: Plan, source: str, target: Data) -> list[str]:
             "--seed", "1"]
 
 
-def stage_b_cross(plan: Plan) -> None:
-    """Each dataset's (portable) winner trained with seed 1 on every dataset; validation decides."""
+@dataclass
+class Cross:
+    """Stage b's cross-dataset check: each (portable) winner on every dataset, seed 1."""
+
+    datasets: list[Data]
+    points: dict[str, dict[str, Any]]  # each dataset's winner (its searched keys)
+    candidates: dict[str, dict[str, Any]]  # the same, portable
+    runs: dict[tuple[str, str], Path | None]  # (source, target) -> its run dir; None: the tuned seed-1 run
+
+    def argv(self, plan: Plan, source: str, target: Data) -> list[str]:
+        return [*cross_argv(plan, source, target), "--out", str(self.runs[source, target.name])]
+
+
+def cross_plan(plan: Plan) -> Cross | None:
+    """None until at least two datasets' searches have finished. A candidate's runs are named by
+    its content, so a search extended to another winner makes new runs instead of reusing old ones."""
     datasets = [d for d in plan.present() if winner_point(plan, d) is not None]
     if len(datasets) < 2:
-        log("stage b: one configuration for every dataset needs the searches of at least two datasets; skipped")
-        return
+        return None
     points = {d.name: winner_point(plan, d) for d in datasets}
     candidates = portable(points)
-    for d in datasets:
+    runs = {}
+    for source in datasets:
+        name = tag({"model": "fitmm", **candidates[source.name]})
+        for target in datasets:
+            same = source is target and candidates[source.name] == points[source.name]
+            runs[source.name, target.name] = None if same else plan.out / "cross" / f"{source.name}-on-{target.name}-{name}"
+    return Cross(datasets, points, candidates, runs)
+
+
+def stage_b_cross(plan: Plan) -> None:
+    """Each dataset's (portable) winner trained with seed 1 on every dataset; validation decides."""
+    cross = cross_plan(plan)
+    if cross is None:
+        log("stage b: one configuration for every dataset needs the searches of at least two datasets; skipped")
+        return
+    for d in cross.datasets:
         path = candidate_file(plan, d.name)
         text = (f"# FITMM tuned on {d.name} (the searched keys of {tuned_dir(plan, d)}/search/fitmm/best.yaml"
-                f"{'; modality_weights left at the default' if candidates[d.name] != points[d.name] else ''})\n"
-                + yaml.safe_dump({"model": "fitmm", **candidates[d.name]}, sort_keys=False))
+                f"{'; modality_weights left at the default' if cross.candidates[d.name] != cross.points[d.name] else ''})\n"
+                + yaml.safe_dump({"model": "fitmm", **cross.candidates[d.name]}, sort_keys=False))
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.is_file() or path.read_text() != text:
             runio.atomic_write(path, lambda h: h.write(text.encode()))
-    for source in datasets:
-        for target in datasets:
-            if source is target and candidates[source.name] == points[source.name]:
+    for source in cross.datasets:
+        for target in cross.datasets:
+            run_dir = cross.runs[source.name, target.name]
+            if run_dir is None:
                 continue  # the winner itself on its own dataset: the tuned seed-1 run
-            run_dir = cross_dir(plan, source.name, target.name)
             failure = run_dir.with_suffix(".failed.json")
+            argv = cross_argv(plan, source.name, target)
             try:
-                train_run(plan, cross_argv(plan, source.name, target), run_dir)
+                train_run(plan, argv, run_dir)
                 failure.unlink(missing_ok=True)
             except CommandFailed as exc:  # e.g. the candidate does not fit that dataset
-                runio.write_json(failure, {"command": command_text(cross_argv(plan, source.name, target)),
-                                           "error": str(exc)})
+                runio.write_json(failure, {"command": command_text(argv), "error": str(exc)})
                 log(f"  {source.name}'s winner cannot run on {target.name}: {exc}")
     proposal = propose(plan)
     proposed = plan.out / "fitmm-tuned.proposed.yaml"
@@ -682,40 +709,37 @@ def search_summary(plan: Plan, d: Data) -> dict | None:
 
 
 def cross_evidence(plan: Plan) -> dict | None:
-    """{candidate: {dataset: (valid, own winner's valid, run dir) or error text}} over the datasets
-    whose searches finished; None when fewer than two did."""
-    datasets = [d for d in plan.present() if winner_point(plan, d) is not None and read_bench_rows(tuned_dir(plan, d))]
-    if len(datasets) < 2:
+    """{candidate: {dataset: (valid, own winner's valid, run dir) or why not}}; None until two
+    datasets' searches have finished."""
+    cross = cross_plan(plan)
+    if cross is None:
         return None
-    points = {d.name: winner_point(plan, d) for d in datasets}
-    candidates = portable(points)
     own = {}
-    for d in datasets:
-        row = read_bench_rows(tuned_dir(plan, d))[0]
-        first = [(s, r) for s, r in zip(row.summaries, row.runs) if s["seed"] == 1]
+    for d in cross.datasets:
+        rows = read_bench_rows(tuned_dir(plan, d))
+        first = [(s, r) for s, r in zip(rows[0].summaries, rows[0].runs) if s["seed"] == 1] if rows else []
         own[d.name] = (first[0][0]["valid"][METRIC], first[0][1]) if first else None
     table: dict[str, dict[str, Any]] = {}
-    for source in datasets:
+    for source in cross.datasets:
         table[source.name] = {}
-        for target in datasets:
+        for target in cross.datasets:
+            run = cross.runs[source.name, target.name]
             if own[target.name] is None:
-                table[source.name][target.name] = "the tuned seed-1 run is missing"
+                table[source.name][target.name] = "the tuned seed-1 run has not finished"
                 continue
-            if source is target and candidates[source.name] == points[source.name]:
+            if run is None:
                 value, run = own[target.name]
+            elif (run / "summary.json").is_file():
+                value = json.loads((run / "summary.json").read_text())["valid"][METRIC]
+            elif run.with_suffix(".failed.json").is_file():
+                table[source.name][target.name] = json.loads(run.with_suffix(".failed.json").read_text())["error"]
+                continue
             else:
-                run = cross_dir(plan, source.name, target.name)
-                failure = run.with_suffix(".failed.json")
-                if (run / "summary.json").is_file():
-                    value = json.loads((run / "summary.json").read_text())["valid"][METRIC]
-                elif failure.is_file():
-                    table[source.name][target.name] = json.loads(failure.read_text())["error"]
-                    continue
-                else:
-                    table[source.name][target.name] = "not run"
-                    continue
+                table[source.name][target.name] = "not run"
+                continue
             table[source.name][target.name] = (value, own[target.name][0], run)
-    return {"datasets": [d.name for d in datasets], "points": points, "candidates": candidates, "table": table}
+    return {"datasets": [d.name for d in cross.datasets], "points": cross.points, "candidates": cross.candidates,
+            "table": table}
 
 
 def propose(plan: Plan) -> dict | None:
@@ -1100,9 +1124,9 @@ def verdict_section(r: Report, plan: Plan, main: dict[str, dict], ablations: dic
                 evidence.append(f"{name}: " + ("the base already has " + claim.without.slug if same else "not run"))
                 continue
             outcomes[name] = outcome(base.mean[METRIC], row.mean[METRIC], row.p, plan.alpha)
-            evidence.append(f"{name}: base {words(base)} vs {claim.without.slug} {words(row)} "
-                            f"(Δ {base.mean[METRIC] - row.mean[METRIC]:+.4f} for the component, p = {p_text(row.p)}, "
-                            f"{ {'better': 'helps', 'worse': 'hurts', 'same': 'no significant difference'}[outcomes[name]] })")
+            effect = {"better": "it helps", "worse": "it hurts", "same": "no significant difference"}[outcomes[name]]
+            evidence.append(f"{name}: base {words(base)} vs {claim.without.slug} {words(row)} (the component adds "
+                            f"{base.mean[METRIC] - row.mean[METRIC]:+.4f}, p = {p_text(row.p)}: {effect})")
         if claim.name == "consistency":
             for name in names:
                 rows = ablations.get(name) or []
@@ -1137,12 +1161,12 @@ def commands_section(r: Report, plan: Plan) -> None:
     all_commands = []
     for d in plan.present():
         all_commands += [command_text(bench_argv(plan, d)), command_text(tuned_argv(plan, d))]
-    names = [d.name for d in plan.present() if winner_point(plan, d) is not None]
-    for source in names:
-        for target in plan.present():
-            if target.name in names:
-                all_commands.append(command_text([*cross_argv(plan, source, target), "--out",
-                                                  str(cross_dir(plan, source, target.name))]) + "  # if run")
+    cross = cross_plan(plan)
+    if cross is not None:
+        for source in cross.datasets:
+            for target in cross.datasets:
+                if cross.runs[source.name, target.name] is not None:
+                    all_commands.append(command_text(cross.argv(plan, source.name, target)))
     for d in plan.present():
         for variant, same in ablation_cells(plan, d, plan.ablations):
             if variant is not None and same:
@@ -1185,7 +1209,7 @@ def stage_e(plan: Plan) -> str:
 def make_plan(argv: list[str]) -> Plan:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", help=f"comma-separated names under --data-root or folders (default "
+    p.add_argument("--datasets", help=f"comma-separated names under --data-root, or folders given with a '/' (default "
                    f"{','.join(DEFAULT_DATASETS)}; with --quick: {','.join(QUICK_DATASETS)})")
     p.add_argument("--data-root", default=str(DATA_ROOT), help="where dataset names are looked up (default ../shared/data)")
     p.add_argument("--stages", default=STAGES, help="which stages to run, e.g. a,b or c (default a,b,c,d,e)")
@@ -1222,6 +1246,10 @@ def make_plan(argv: list[str]) -> Plan:
     for name in ("seeds", "ablation_seeds", "trials", "grid_max"):
         if pick(name) < 1:
             raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {pick(name)}")
+    if not 0 < args.alpha < 1:
+        raise InputError(f"--alpha: a significance level between 0 and 1, got {args.alpha}")
+    if not 0 <= args.tolerance < 1:
+        raise InputError(f"--tolerance: a fraction in [0, 1), got {args.tolerance}")
     models = [m.strip() for m in pick("models").split(",") if m.strip()]
     for m in models:
         model_class(m)

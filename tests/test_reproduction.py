@@ -18,6 +18,7 @@ pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
 import fitmm.evaluate as evaluate_module  # noqa: E402
+import fitmm.plots  # noqa: E402
 from fitmm.config import read_config_file, resolve  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduction.py"
@@ -62,6 +63,8 @@ def quick(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(evaluate_module, "rank_splits", spy)
+        # Each run's curves.png is half of this test's time and no part of the report.
+        mp.setattr(fitmm.plots, "plot_training_curves", lambda *a, **k: False)
         assert repro.main(quick_args(out)) == 0
         first = list(calls)
         files = run_files(out)
@@ -250,3 +253,12 @@ def test_absent_datasets_are_skipped_cleanly(tmp_path):
     assert repro.main(args) == 0
     report = (tmp_path / "r.md").read_text()
     assert f"ml100k_mm: not run ({tmp_path / 'nowhere' / 'ml100k_mm'} not found)" in report
+
+
+def test_winners_are_made_portable_only_when_the_datasets_modalities_differ():
+    ml = {"lr": 1e-3, "modality_weights": {"image": 0.2, "text": 0.8}}
+    tt = {"lr": 1e-4, "modality_weights": {"image": 0.5, "audio": 0.5}}
+    assert repro.portable({"ml": ml, "tt": tt}) == {"ml": {"lr": 1e-3}, "tt": {"lr": 1e-4}}
+    same = {"image": 0.3, "text": 0.7}
+    both = {"a": ml, "b": {"lr": 1e-2, "modality_weights": same}}
+    assert repro.portable(both) == both

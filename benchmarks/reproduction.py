@@ -1211,7 +1211,8 @@ def make_plan(argv: list[str]) -> Plan:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", help=f"comma-separated names under --data-root, or folders given with a '/' (default "
                    f"{','.join(DEFAULT_DATASETS)}; with --quick: {','.join(QUICK_DATASETS)})")
-    p.add_argument("--data-root", default=str(DATA_ROOT), help="where dataset names are looked up (default ../shared/data)")
+    p.add_argument("--data-root", default=os.path.relpath(DATA_ROOT),  # relative: the report's commands stay portable
+                   help="where dataset names are looked up (default: the shared/data folder beside the repository)")
     p.add_argument("--stages", default=STAGES, help="which stages to run, e.g. a,b or c (default a,b,c,d,e)")
     p.add_argument("--seeds", type=int, help="seeds 1..N of the main table and the tuned winner (default 5)")
     p.add_argument("--ablation-seeds", type=int, help="seeds 1..N of each ablation (default 3)")

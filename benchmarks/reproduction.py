@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import io
 import json
 import os
@@ -327,13 +328,16 @@ def command_text(argv: list[str]) -> str:
 
 
 class _Tee(io.TextIOBase):
-    """stderr that is also kept (to quote a failed command's message)."""
+    """stderr whose last characters are also kept (to quote a failed command's message; only a tail,
+    since progress bars of hours-long runs go through it too)."""
+
+    KEEP = 20_000
 
     def __init__(self, stream):
-        self.stream, self.kept = stream, io.StringIO()
+        self.stream, self.kept = stream, ""
 
     def write(self, text):
-        self.kept.write(text)
+        self.kept = (self.kept + text)[-self.KEEP:]
         return self.stream.write(text)
 
     def flush(self):
@@ -354,7 +358,7 @@ def run_fitmm(plan: Plan, argv: list[str]) -> None:
     if code == 130:
         raise KeyboardInterrupt
     if code != 0:
-        lines = [line for line in tee.kept.getvalue().splitlines() if line.startswith("fitmm: error")]
+        lines = [line for line in tee.kept.splitlines() if line.startswith("fitmm: error")]
         raise CommandFailed(f"`{command_text(argv)}` exited {code}: " + (lines[-1] if lines else "see above"))
 
 
@@ -616,8 +620,6 @@ def read_bench_rows(folder: Path) -> list[Row]:
     path = folder / "results.csv"
     if not path.is_file():
         return []
-    import csv
-
     rows = []
     with open(path, newline="") as handle:
         for r in csv.DictReader(handle):

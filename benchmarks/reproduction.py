@@ -119,7 +119,8 @@ GROUPS = {
     "bands": "number of spectral bands per modality chunk (1 = no decomposition)",
     "gate": "residual task-adaptive gate: off (every gate 1), 'pos' (sigmoid), 'dual' (tanh)",
     "ib": "frequency-domain information bottleneck: off, and its shut-off threshold φ+",
-    "consistency": "spectral consistency loss: none, across bands (as released), across modalities (as the paper words it)",
+    "consistency": "spectral consistency loss: none, across bands (as released), across modalities (the paper's "
+                   "wording)",
     "item_graph": "graph-enhanced item view H_I (item-item kNN graph)",
     "user_graph": "user-user kNN graph over mean content features",
     "features": "raw item features frozen or trainable (as released)",
@@ -149,7 +150,8 @@ class Claim:
 
 CLAIMS = [
     Claim("outperforms", "FITMM consistently and significantly outperforms advanced baselines", None),
-    Claim("bands", "modality-wise spectral decomposition into orthogonal bands helps", Variant("bands", "num_bands", 1)),
+    Claim("bands", "modality-wise spectral decomposition into orthogonal bands helps",
+          Variant("bands", "num_bands", 1)),
     Claim("gate", "the residual, task-adaptive gate that aggregates the bands helps", Variant("gate", "gate", "off")),
     Claim("ib", "the frequency-domain IB term helps", Variant("ib", "ib_weight", 0.0)),
     Claim("consistency", "the cross-modal spectral consistency loss helps",
@@ -484,7 +486,8 @@ def cross_plan(plan: Plan) -> Cross | None:
         name = tag({"model": "fitmm", **candidates[source.name]})
         for target in datasets:
             same = source is target and candidates[source.name] == points[source.name]
-            runs[source.name, target.name] = None if same else plan.out / "cross" / f"{source.name}-on-{target.name}-{name}"
+            folder = plan.out / "cross" / f"{source.name}-on-{target.name}-{name}"
+            runs[source.name, target.name] = None if same else folder
     return Cross(datasets, points, candidates, runs)
 
 
@@ -496,8 +499,9 @@ def stage_b_cross(plan: Plan) -> None:
         return
     for d in cross.datasets:
         path = candidate_file(plan, d.name)
+        dropped = "; modality_weights left at the default" if cross.candidates[d.name] != cross.points[d.name] else ""
         text = (f"# FITMM tuned on {d.name} (the searched keys of {tuned_dir(plan, d)}/search/fitmm/best.yaml"
-                f"{'; modality_weights left at the default' if cross.candidates[d.name] != cross.points[d.name] else ''})\n"
+                f"{dropped})\n"
                 + yaml.safe_dump({"model": "fitmm", **cross.candidates[d.name]}, sort_keys=False))
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.is_file() or path.read_text() != text:
@@ -763,12 +767,14 @@ def propose(plan: Plan) -> dict | None:
 
 
 def proposal_yaml(plan: Plan, proposal: dict) -> str:
+    dropped = proposal["point"] != proposal["evidence"]["points"][proposal["source"]]
     lines = [f"# FITMM tuned on validation (issue 14): {proposal['source']}'s search winner"
-             f"{' without its modality_weights' if proposal['point'] != proposal['evidence']['points'][proposal['source']] else ''};",
+             f"{' without its modality_weights' if dropped else ''};",
              f"# its validation Recall@20 (seed 1) is at least {proposal['worst']:.3f} x each dataset's own winner's:"]
     for target, (value, own, run) in proposal["evidence"]["table"][proposal["source"]].items():
         lines.append(f"#   {target}: {value:.4f} vs {own:.4f} ({run})")
-    lines.append("# made by benchmarks/reproduction.py; train it: fitmm train --config configs/fitmm-tuned.yaml --data PATH")
+    lines.append("# made by benchmarks/reproduction.py; train it: "
+                 "fitmm train --config configs/fitmm-tuned.yaml --data PATH")
     return "\n".join(lines) + "\n" + yaml.safe_dump({"model": "fitmm", **proposal["point"]}, sort_keys=False)
 
 
@@ -917,8 +923,9 @@ def main_section(r: Report, plan: Plan) -> dict[str, dict]:
             r.add("| " + " | ".join(cells) + " |")
         if main_plot_path(plan, d).is_file():
             r.add("", f"![{d.name}: main table]({r.link(main_plot_path(plan, d))})")
-        missing = [what for what, ok in (("stage a (baselines, FITMM released)", any(x.label == "FITMM released" for x in rows)),
-                                         ("stage b (FITMM tuned)", any(x.label == "FITMM tuned" for x in rows))) if not ok]
+        labels = {x.label for x in rows}
+        missing = [what for what, label in (("stage a (baselines, FITMM released)", "FITMM released"),
+                                            ("stage b (FITMM tuned)", "FITMM tuned")) if label not in labels]
         if missing:
             r.add("", f"Not run yet: {'; '.join(missing)}.")
         base = baselines_of(rows)
@@ -932,8 +939,9 @@ def main_section(r: Report, plan: Plan) -> dict[str, dict]:
                      if above else f"{ref.label} has the highest mean of all {len(base) + 1} rows."))
             outcomes = [outcome(ref.mean[METRIC], x.mean[METRIC], x.p, plan.alpha) for x in base]
             result = "worse" if "worse" in outcomes else "better" if all(o == "better" for o in outcomes) else "same"
-            evidence[d.name] = {"outcome": result, "ref": ref, "best": best, "worse": [
-                x for x, o in zip(base, outcomes) if o == "worse"], "same": [x for x, o in zip(base, outcomes) if o == "same"]}
+            evidence[d.name] = {"outcome": result, "ref": ref, "best": best,
+                                "worse": [x for x, o in zip(base, outcomes) if o == "worse"],
+                                "same": [x for x, o in zip(base, outcomes) if o == "same"]}
     return evidence
 
 
@@ -952,7 +960,8 @@ def tuning_section(r: Report, plan: Plan) -> None:
             r.add(summary["error"])
             continue
         states = ", ".join(f"{n} {s}" for s, n in sorted(summary["states"].items()))
-        r.add(f"Study `{summary['study']}` in {summary['folder']}: {sum(summary['states'].values())} trials ({states}). "
+        total = sum(summary["states"].values())
+        r.add(f"Study `{summary['study']}` in {summary['folder']}: {total} trials ({states}). "
               f"Best complete trials (validation {bench.METRIC_LABELS[METRIC]}, seed 1):", "",
               "| trial | valid Recall@20 | epochs | configuration |", "|---|---|---|---|")
         for t in summary["top"]:
@@ -964,7 +973,9 @@ def tuning_section(r: Report, plan: Plan) -> None:
         r.add("Not run: needs the searches and the tuned runs of at least two datasets.")
         return
     evidence = proposal["evidence"]
-    r.add(f"Each dataset's winner, as a candidate for every dataset{' (modality_weights dropped: the datasets have different modalities)' if evidence['candidates'] != evidence['points'] else ''}, "
+    dropped = evidence["candidates"] != evidence["points"]
+    r.add("Each dataset's winner, as a candidate for every dataset"
+          f"{' (modality_weights dropped: the datasets have different modalities)' if dropped else ''}, "
           "trained with seed 1 and compared on VALIDATION Recall@20 with that dataset's own winner (seed 1). "
           f"Rule: a candidate serves every dataset when each ratio is >= {1 - plan.tolerance:.2f} (--tolerance "
           f"{plan.tolerance}).", "", "| candidate | on | valid Recall@20 | own winner's | ratio | run |",
@@ -985,8 +996,9 @@ def tuning_section(r: Report, plan: Plan) -> None:
               "`--write-tuned-config`" + (f" (present: {TUNED_CONFIG.relative_to(REPO)})." if TUNED_CONFIG.is_file()
                                          else " (not present)."))
     else:
-        r.add("", f"No single configuration serves both: the best candidate, {proposal['source']}'s winner, reaches only "
-              f"{proposal['worst']:.3f} of a dataset's own winner. Nothing is proposed; the per-dataset winners stand.")
+        r.add("", f"No single configuration serves both: the best candidate, {proposal['source']}'s winner, reaches "
+              f"only {proposal['worst']:.3f} of a dataset's own winner. Nothing is proposed; the per-dataset winners "
+              "stand.")
 
 
 def ablation_section(r: Report, plan: Plan) -> dict[str, list]:
@@ -1025,7 +1037,8 @@ def ablation_section(r: Report, plan: Plan) -> dict[str, list]:
             continue
         rows = ablation_rows(plan, d)
         results[d.name] = rows
-        argv = ablation_argv(plan, d, Variant("gate", "gate", "off"), 1) + ["--out", str(ablation_runs(plan, d, Variant("gate", "gate", "off"), False)[0][1])]
+        example = Variant("gate", "gate", "off")
+        argv = [*ablation_argv(plan, d, example, 1), "--out", str(ablation_runs(plan, d, example, False)[0][1])]
         r.add(f"Command of each run (here gate=off, seed 1; the base has no variant --set; runs in "
               f"{ablation_dir(plan, d)}/<variant>/s<seed>):", *code_block(command_text(argv)))
         if all(row is None for _, row, _ in rows):
@@ -1150,7 +1163,8 @@ def runs_section(r: Report) -> None:
 
 
 def commands_section(r: Report, plan: Plan) -> None:
-    r.add("", "## Commands", "", "This report: ", *code_block("python benchmarks/reproduction.py " + " ".join(shell_quote(a) for a in plan.argv)))
+    this = "python benchmarks/reproduction.py " + " ".join(shell_quote(a) for a in plan.argv)
+    r.add("", "## Commands", "", "This report:", *code_block(this))
     commits = []
     path = plan.out / "commands.jsonl"
     if path.is_file():

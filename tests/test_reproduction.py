@@ -193,6 +193,12 @@ def test_shared_configuration_is_proposed_with_evidence_not_shipped(quick):
     section = report.split("### One configuration for both datasets?", 1)[1].split("\n## ", 1)[0]
     header, rows = tables(section)[0]
     assert header[:2] == ["candidate", "on"] and len(rows) == 4
+    # synthetic-a has image + text, synthetic-b image + audio: the winners' modality weights cannot
+    # cross over, so the candidates leave them at the default and are trained on both datasets.
+    assert "modality_weights dropped" in section
+    assert all(Path(row[-1]).parent == out / "cross" for row in rows)
+    for name in ("synthetic-a", "synthetic-b"):
+        assert "modality_weights" not in read_config_file(out / "cross" / f"candidate-{name}.yaml")
     proposed = out / "fitmm-tuned.proposed.yaml"
     if "**Proposed**" in section:
         config = resolve([("proposal", read_config_file(proposed))])  # what `fitmm train --config` reads
@@ -206,9 +212,16 @@ def test_shared_configuration_is_proposed_with_evidence_not_shipped(quick):
 
 def test_write_tuned_config_writes_the_proposal_where_asked(quick, tmp_path):
     target = tmp_path / "fitmm-tuned.yaml"
-    assert repro.main(quick_args(quick["out"], "--stages", "b", "--write-tuned-config", str(target))) == 0
+    # A loose tolerance, so that a candidate serves both datasets and is proposed.
+    args = quick_args(quick["out"], "--stages", "b", "--tolerance", "0.5", "--write-tuned-config", str(target))
+    assert repro.main(args) == 0
     proposed = quick["out"] / "fitmm-tuned.proposed.yaml"
     assert target.read_text() == proposed.read_text()
+    text = proposed.read_text()
+    assert "synthetic-a:" in text and "synthetic-b:" in text  # the evidence, one line per dataset
+    config = resolve([("proposal", read_config_file(proposed))])  # what `fitmm train --config` reads
+    assert config["model"] == "fitmm" and "modality_weights" not in read_config_file(proposed)
+    assert run_files(quick["out"]) == quick["files"]  # decided from the finished runs
 
 
 def test_a_run_folder_of_another_configuration_is_refused(quick, capsys):

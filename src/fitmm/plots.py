@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 from . import runio
 
@@ -73,3 +74,40 @@ def plot_training_curves(log: list[dict], metric: str, path: Path, title: str = 
         fig.suptitle(title)
     save_figure(fig, path)
     return True
+
+
+def band_diagnostics_figure(diag: dict[str, Any], title: str = ""):
+    """A FITMM model's `diagnostics()` as one figure (2 x 3 panels, users above items): the
+    singular-value energy of each band per modality, the distribution of gate values per band, the
+    learned band weights. Used by `fitmm report --html` and benchmarks/reproduction.py; needs
+    matplotlib (the caller checks)."""
+    import numpy as np
+
+    plt = _pyplot()
+    names = diag["modalities"]
+    m = diag["band_weights"]["user"].shape[0]
+    bands = [f"band {b + 1}" for b in range(m)]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.4))
+    for row, side in enumerate(("user", "item")):
+        energy = diag["band_energy"][side]  # chunks x M
+        ax = axes[row][0]
+        width = 0.8 / m
+        for b in range(m):
+            ax.bar(np.arange(len(names)) + b * width, energy[:, b], width, label=bands[b])
+        ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
+        ax.set(title=f"{side}s: singular-value energy per band", ylabel="share of sum of sigma^2", ylim=(0, 1))
+        ax.legend(fontsize=8)
+        gates = diag["gates"][side]  # nodes x M
+        ax = axes[row][1]
+        ax.boxplot([gates[:, b] for b in range(m)], showfliers=False)
+        ax.violinplot([gates[:, b] for b in range(m)], showextrema=False)
+        ax.set_xticks(range(1, m + 1), bands)
+        ax.set(title=f"{side} gate values per band ({gates.shape[0]} {side}s)", ylabel="gate g_b")
+        ax = axes[row][2]
+        ax.bar(bands, diag["band_weights"][side], color="tab:purple")
+        ax.set(title=f"{side} band weights w_b", ylim=(0, 1))
+        for axis in axes[row]:
+            axis.grid(alpha=0.3, axis="y")
+    if title:
+        fig.suptitle(title)
+    return fig

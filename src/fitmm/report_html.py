@@ -68,34 +68,10 @@ def curves_figure(log: list[dict], metrics: list[str], title: str) -> str:
 
 def bands_figures(diag: dict[str, Any]) -> str:
     """FITMM: band energy per modality, gate distributions per band and band weights, users and items."""
-    import numpy as np
+    from .plots import band_diagnostics_figure
 
-    plt = _pyplot()
-    names = diag["modalities"]
-    m = diag["band_weights"]["user"].shape[0]
-    bands = [f"band {b + 1}" for b in range(m)]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.4))
-    for row, side in enumerate(("user", "item")):
-        energy = diag["band_energy"][side]  # chunks x M
-        ax = axes[row][0]
-        width = 0.8 / m
-        for b in range(m):
-            ax.bar(np.arange(len(names)) + b * width, energy[:, b], width, label=bands[b])
-        ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
-        ax.set(title=f"{side}s: singular-value energy per band", ylabel="share of sum of sigma^2", ylim=(0, 1))
-        ax.legend(fontsize=8)
-        gates = diag["gates"][side]  # nodes x M
-        ax = axes[row][1]
-        ax.boxplot([gates[:, b] for b in range(m)], showfliers=False)
-        ax.violinplot([gates[:, b] for b in range(m)], showextrema=False)
-        ax.set_xticks(range(1, m + 1), bands)
-        ax.set(title=f"{side} gate values per band ({gates.shape[0]} {side}s)", ylabel="gate g_b")
-        ax = axes[row][2]
-        ax.bar(bands, diag["band_weights"][side], color="tab:purple")
-        ax.set(title=f"{side} band weights w_b", ylim=(0, 1))
-        for axis in axes[row]:
-            axis.grid(alpha=0.3, axis="y")
-    return _png(fig)
+    _pyplot()  # a missing matplotlib is an InputError here
+    return _png(band_diagnostics_figure(diag))
 
 
 def _diagnostics(run: dict) -> tuple[dict | None, str]:

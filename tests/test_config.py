@@ -158,3 +158,13 @@ def test_binary_config_file_is_named(tmp_path):
     path.write_bytes(b"\xff\xfe\x00e\x00p")
     with pytest.raises(InputError, match="a binary file, not YAML text"):
         read_config_file(path)
+
+
+def test_set_gate_off_is_the_word_and_boolean_keys_still_take_on_off():
+    # YAML 1.1 reads a bare off as false: `--set gate=off` (README's ablation) once failed.
+    config = resolve([("--set", parse_set(["model=fitmm", "gate=off", "item_graph=no", "train_features=on"]))])
+    assert config["gate"] == "off" and config["item_graph"] is False and config["train_features"] is True
+    assert parse_set(["progress=false"]) == {"progress": False}
+    # in a config file the bare word is already a boolean: the error says to quote it
+    with pytest.raises(InputError, match=r"expected a string \(YAML reads a bare on/off/yes/no as true/false: quote it"):
+        resolve([("cfg.yaml", {"model": "fitmm", "gate": False})])

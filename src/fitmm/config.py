@@ -164,6 +164,8 @@ def coerce(key: str, value: Any, default: Any, where: str) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in YAML_BOOL_WORDS:  # a word parse_set kept
+            return YAML_BOOL_WORDS[value.lower()]
         raise bad("true or false")
     if isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
@@ -183,6 +185,8 @@ def coerce(key: str, value: Any, default: Any, where: str) -> Any:
             return str(value)
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # only YAML 1.1's bare words make a bool of a string key
+            raise bad(f"a string (YAML reads a bare on/off/yes/no as true/false: quote it, e.g. {key}: 'off')")
         raise bad("a string")
     if isinstance(default, list):
         if isinstance(value, list):
@@ -195,15 +199,25 @@ def coerce(key: str, value: Any, default: Any, where: str) -> Any:
     return value
 
 
+# YAML 1.1 reads these bare words as booleans; `--set gate=off` means the string (true and false
+# stay booleans).
+YAML_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "y": True, "n": False}
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """`["lr=1e-4", "topk=[10, 20]"]` -> {"lr": "1e-4"..}: values are read as YAML."""
+    """`["lr=1e-4", "topk=[10, 20]"]` -> {"lr": "1e-4"..}: values are read as YAML, except that a
+    bare word YAML would turn into a boolean stays a word (`gate=off`); `coerce` turns it back into
+    a boolean for the keys that are booleans."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise InputError(f"--set {item!r}: expected key=value, e.g. --set epochs=50")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.safe_load(raw) if raw.strip() else ""
+            if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+                value = raw.strip()
+            out[key.strip()] = value
         except yaml.YAMLError as exc:
             raise InputError(f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__})") from None
     return out

@@ -121,9 +121,6 @@ def _train_cli(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
-@pytest.mark.xfail(strict=False, reason="known defect, open in issue 15: a rank of a `--nproc 2` run sometimes "
-                   "aborts at exit (exit -6, 'terminate called without an active exception') after the run's "
-                   "files are written; seen in 2 of 4 whole-suite runs, never alone")
 def test_two_gloo_processes_train_one_run_with_half_the_steps_and_the_one_process_result(tmp_path):
     common = small_args("threads=1", "lr=1e-3", "cache_dir=none")
     # 1 process, batch 1024 (the total batch of 2 processes x 512).

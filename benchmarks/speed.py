@@ -190,6 +190,75 @@ def print_profile(model, sampler, optimizer, config, device, steps: int) -> None
         sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=28, max_shapes_column_width=60))
 
 
+# Runs inside the release's own interpreter (--release-python), cwd a scratch folder: the release
+# reads configs/ from its working directory and writes log/ and saved/ there, so its checkout is
+# only read. Times each call of the release trainer's own _train_epoch and _valid_epoch (its
+# per-epoch validation and test rankings) by wrapping them; nothing of the release is changed.
+RELEASE_LAUNCHER = """
+import json, resource, sys, time
+src, threads, epochs, data_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+sys.path.insert(0, src)
+import torch
+if threads:
+    torch.set_num_threads(threads)
+from common import trainer
+timings = {"train": [], "valid": []}
+def timed(name, method):
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        out = method(*args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        timings[name].append(time.perf_counter() - start)
+        return out
+    return run
+trainer.Trainer._train_epoch = timed("train", trainer.Trainer._train_epoch)
+trainer.Trainer._valid_epoch = timed("valid", trainer.Trainer._valid_epoch)
+from utils.quick_start import quick_start
+quick_start(model="FITMM", dataset="baby", save_model=False, config_dict={
+    "gpu_id": 0, "ablation_variant": "full", "epochs": epochs, "data_path": data_path, "stopping_step": 10**6})
+print("RELEASE-TIMINGS " + json.dumps({**timings, "threads": torch.get_num_threads(),
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def time_release(release: Path, dataset: Dataset, inter_file: Path, epochs: int, threads: int, python: str) -> dict:
+    """Train the authors' released FITMM (an MMRec-based checkout at `release`, never copied here)
+    on the same interactions and stand-in features: warm-up + `epochs` epochs, each followed by
+    the release's own validation and test ranking. Returns its seconds per epoch (median after
+    the warm-up), seconds per evaluation (validation + test, as ours), and peak RSS."""
+    src = release / "src"
+    if not (src / "models" / "fitmm.py").is_file() or not (src / "configs" / "model" / "FITMM.yaml").is_file():
+        sys.exit(f"speed.py: {release} is not the FITMM release (no src/models/fitmm.py and src/configs/model/FITMM.yaml)")
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        folder = scratch / "data" / "baby"  # the release names its dataset config after the folder
+        folder.mkdir(parents=True)
+        (folder / "baby.inter").symlink_to(inter_file.resolve())
+        np.save(folder / "image_feat.npy", dataset.features["image"])
+        np.save(folder / "text_feat.npy", dataset.features["text"])
+        (scratch / "configs").symlink_to((src / "configs").resolve())
+        import subprocess
+
+        done = subprocess.run(
+            [python, "-c", RELEASE_LAUNCHER, str(src.resolve()), str(threads), str(epochs + 1), str(scratch / "data") + "/"],
+            cwd=scratch, capture_output=True, text=True,
+        )
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RELEASE-TIMINGS ")), None)
+    if done.returncode or line is None:
+        sys.exit(f"speed.py: the release run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    t = json.loads(line.removeprefix("RELEASE-TIMINGS "))
+    # the trainer validates, then tests, after every epoch: pair them up per epoch
+    evals = [a + b for a, b in zip(t["valid"][::2], t["valid"][1::2])]
+    return {
+        "seconds_per_epoch": statistics.median(t["train"][1:]) if len(t["train"]) > 1 else t["train"][0],
+        "epoch_seconds": t["train"],
+        "eval_seconds": statistics.median(evals),
+        "peak_rss_mb": t["peak_rss_mb"],
+        "threads": t["threads"],
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="fitmm")
@@ -200,6 +269,10 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--json", type=Path, help="write the measurements here")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N training steps and print the top operators")
+    parser.add_argument("--against-release", type=Path, metavar="DIR",
+                        help="also time the authors' released FITMM (a checkout of its MMRec-based code; baby only)")
+    parser.add_argument("--release-python", default=sys.executable,
+                        help="the interpreter to run the release with (its environment: pandas, torch_geometric, ...)")
     args = parser.parse_args(argv)
     keep_freed_memory()  # as `fitmm train` does
     if args.threads:
@@ -274,6 +347,20 @@ def main(argv=None) -> int:
     print(TABLE_HEADER)
     print("|" + "---|" * TABLE_HEADER.count(" | ") + "---|")
     print(table_row(result))
+    if args.against_release:
+        if args.scale != "baby" or args.model != "fitmm":
+            sys.exit("speed.py: --against-release compares FITMM at --scale baby")
+        release = time_release(args.against_release, dataset, args.data_root / AMAZON["baby"] / "baby.inter",
+                               args.epochs, torch.get_num_threads(), args.release_python)
+        result["release"] = release
+        print()
+        print("| FITMM, Baby, same data and threads | s/epoch | eval s (valid + test) | peak RSS MB | threads |")
+        print("|---|---|---|---|---|")
+        print(f"| authors' release | {release['seconds_per_epoch']:.2f} | {release['eval_seconds']:.2f} "
+              f"| {release['peak_rss_mb']:.0f} | {release['threads']} |")
+        print(f"| fitmm (this run) | {seconds_per_epoch:.2f} | {eval_seconds:.2f} | {peak_rss:.0f} | {result['threads']} |")
+        print(f"| release / fitmm | {release['seconds_per_epoch'] / seconds_per_epoch:.2f}x "
+              f"| {release['eval_seconds'] / eval_seconds:.2f}x | {release['peak_rss_mb'] / peak_rss:.2f}x | |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -94,3 +94,64 @@ def test_table_row_has_the_floor_and_ratio_columns():
     cells = dict(zip(header, row))
     assert cells["s/epoch"] == "30.00" and cells["floor s"] == "12.50" and cells["s/epoch / floor"] == "2.40"
     assert cells["graph s"] == "-" and cells["peak RSS MB"] == "1111" and cells["fp32 / bf16 GFLOP/s"] == "150 / 311"
+
+
+FAKE_TRAINER = """
+import time
+class Trainer:
+    def _train_epoch(self, data, epoch):
+        time.sleep(0.01 * (epoch + 1))
+    def _valid_epoch(self, data):
+        time.sleep(0.005)
+"""
+
+FAKE_QUICK_START = """
+import os
+from common.trainer import Trainer
+def quick_start(model, dataset, config_dict, save_model=True):
+    # what the release's own quick_start reads: configs/ in the working directory, the data folder
+    assert model == "FITMM" and dataset == "baby" and os.path.isfile("configs/model/FITMM.yaml")
+    folder = config_dict["data_path"] + dataset
+    assert sorted(os.listdir(folder)) == ["baby.inter", "image_feat.npy", "text_feat.npy"]
+    trainer = Trainer()
+    for epoch in range(config_dict["epochs"]):
+        trainer._train_epoch(None, epoch)
+        trainer._valid_epoch("valid")
+        trainer._valid_epoch("test")
+"""
+
+
+def test_time_release_runs_the_checkout_and_pairs_validation_with_test(tmp_path):
+    """--against-release's plumbing on a stand-in checkout with the release's layout: the
+    trainer's own epoch and evaluation methods are timed, one validation + one test per epoch."""
+    import statistics
+    import sys
+
+    import numpy as np
+
+    speed = load_speed()
+    src = tmp_path / "release" / "src"
+    for path, text in {"models/fitmm.py": "", "configs/model/FITMM.yaml": "", "common/__init__.py": "",
+                       "common/trainer.py": FAKE_TRAINER, "utils/__init__.py": "",
+                       "utils/quick_start.py": FAKE_QUICK_START}.items():
+        (src / path).parent.mkdir(parents=True, exist_ok=True)
+        (src / path).write_text(text)
+    inter = tmp_path / "baby.inter"
+    inter.write_text("userID\titemID\tx_label\n0\t0\t0\n")
+
+    class Data:
+        features = {"image": np.ones((1, 4), np.float32), "text": np.ones((1, 2), np.float32)}
+
+    out = speed.time_release(tmp_path / "release", Data(), inter, epochs=2, threads=1, python=sys.executable)
+    assert len(out["epoch_seconds"]) == 3  # warm-up + 2
+    assert out["seconds_per_epoch"] == statistics.median(out["epoch_seconds"][1:])  # the warm-up left out
+    assert out["eval_seconds"] >= 0.01  # validation + test, each >= 5 ms
+    assert out["threads"] == 1 and out["peak_rss_mb"] > 0
+
+
+def test_time_release_refuses_a_folder_that_is_not_the_release(tmp_path):
+    import pytest
+
+    speed = load_speed()
+    with pytest.raises(SystemExit, match="is not the FITMM release"):
+        speed.time_release(tmp_path, None, tmp_path / "x.inter", 0, 1, "python")

@@ -17,7 +17,10 @@ float32 / bfloat16 / float64 rate on a 4096^2 product at the run's thread count,
 the same run, best of 3), floor_seconds (the epoch's dense-FLOP floor: each dtype's FLOPs x
 steps / its rate) and floor_ratio (seconds_per_epoch / floor_seconds; 1.0 would mean every
 counted product at peak and everything else free). --profile N prints torch.profiler's top
-operators over N training steps.
+operators over N training steps. --against-release DIR also trains the authors' released FITMM
+(a checkout of github arkina3931/FITMM, MMRec-based; run with --release-python, an interpreter
+whose environment has what the release imports: torch, pandas, torch_geometric, lmdb,
+torchvision) on the same interactions, features and threads, and prints both side by side.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -238,8 +242,6 @@ def time_release(release: Path, dataset: Dataset, inter_file: Path, epochs: int,
         np.save(folder / "image_feat.npy", dataset.features["image"])
         np.save(folder / "text_feat.npy", dataset.features["text"])
         (scratch / "configs").symlink_to((src / "configs").resolve())
-        import subprocess
-
         done = subprocess.run(
             [python, "-c", RELEASE_LAUNCHER, str(src.resolve()), str(threads), str(epochs + 1), str(scratch / "data") + "/"],
             cwd=scratch, capture_output=True, text=True,
@@ -274,6 +276,8 @@ def main(argv=None) -> int:
     parser.add_argument("--release-python", default=sys.executable,
                         help="the interpreter to run the release with (its environment: pandas, torch_geometric, ...)")
     args = parser.parse_args(argv)
+    if args.against_release and (args.scale != "baby" or args.model != "fitmm"):
+        sys.exit("speed.py: --against-release compares FITMM at --scale baby")
     keep_freed_memory()  # as `fitmm train` does
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -348,8 +352,6 @@ def main(argv=None) -> int:
     print("|" + "---|" * TABLE_HEADER.count(" | ") + "---|")
     print(table_row(result))
     if args.against_release:
-        if args.scale != "baby" or args.model != "fitmm":
-            sys.exit("speed.py: --against-release compares FITMM at --scale baby")
         release = time_release(args.against_release, dataset, args.data_root / AMAZON["baby"] / "baby.inter",
                                args.epochs, torch.get_num_threads(), args.release_python)
         result["release"] = release

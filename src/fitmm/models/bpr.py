@@ -27,6 +27,10 @@ class BPRMF(Recommender):
         "embedding_size": "embedding width",
         "reg_weight": "weight of the norm penalty (not squared) on the batch's embeddings",
     }
+    # The reference's grid (MMRec configs/model/BPR.yaml). Its first value, the default, is too
+    # strong for this penalty on ml100k_mm and tiktok_mmssl (the embeddings collapse to zero):
+    # use `fitmm bench --grid` or a smaller reg_weight.
+    search_space = {"reg_weight": [2.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5]}
 
     def __init__(self, dataset, config):
         super().__init__(dataset, config)

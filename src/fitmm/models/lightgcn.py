@@ -36,6 +36,8 @@ class LightGCN(Recommender):
         "reg_weight": "weight of the norm penalty (not squared) on the batch's ego embeddings",
         "n_layers": "propagation layers over the user-item graph (0 = matrix factorisation)",
     }
+    # The reference's grid (MMRec configs/model/LightGCN.yaml); the defaults are its first values.
+    search_space = {"n_layers": [1, 2, 3, 4], "reg_weight": [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]}
 
     def __init__(self, dataset, config):
         super().__init__(dataset, config)

@@ -7,6 +7,7 @@ import yaml
 
 from fitmm.cli import main
 from fitmm.config import resolve
+from fitmm.models import model_class
 from fitmm.report import group_runs, read_summaries
 
 
@@ -28,7 +29,8 @@ def test_report_pools_only_runs_that_differ_in_the_seed(tmp_path, capsys):
         fake_run(tmp_path / "a2", 2, 0.20, epochs=3, progress=False),  # progress cannot change results
         fake_run(tmp_path / "b1", 1, 0.40, epochs=20),
         # the same reg_weight as bpr's default, so that only epochs differs between the groups
-        fake_run(tmp_path / "c1", 1, 0.50, epochs=20, model="lightgcn", reg_weight=2.0),
+        fake_run(tmp_path / "c1", 1, 0.50, epochs=20, model="lightgcn",
+                 reg_weight=model_class("bpr").defaults["reg_weight"]),
     ]
     groups, differing = group_runs(read_summaries(runs))
     assert [[r["run"] for r in g] for g in groups.values()] == [[str(runs[0]), str(runs[1])], [str(runs[2])], [str(runs[3])]]

@@ -12,29 +12,16 @@ import fitmm.models.bpr  # noqa: F401
 import fitmm.models.lgmrec  # noqa: F401
 import fitmm.models.lightgcn  # noqa: F401
 import fitmm.models.vbpr  # noqa: F401
-from fitmm.config import resolve
 from fitmm.data import synthetic
-from fitmm.data.sampling import Batch, TrainSampler
-from fitmm.models import model_class
+from fitmm.data.sampling import Batch
 from fitmm.models.base import embedding_norm_penalty
 from fitmm.models.lgmrec import contrastive_sum, gumbel_softmax
+from tiny import build, first_batch
 
 
 @pytest.fixture(scope="module")
 def dataset():
     return synthetic.generate(users=120, items=80, mean_interactions=10, feature_dims={"image": 12, "text": 8})
-
-
-def build(name, dataset, tmp_path, **overrides):
-    config = resolve([("test", {"model": name, "cache_dir": str(tmp_path / "cache"), **overrides})])
-    cls = model_class(name)
-    cls.check(dataset, config)
-    torch.manual_seed(0)
-    return cls(dataset, config)
-
-
-def batch_of(dataset, size=64):
-    return next(TrainSampler(dataset.train, seed=0).batches(size))
 
 
 # -- EmbLoss: Frobenius norms, not squared, over the rows of the last tensor ---------------------
@@ -50,20 +37,20 @@ def test_embedding_norm_penalty_on_a_hand_case():
 # collapses the embeddings on both real datasets; bpr.py's docstring).
 @pytest.mark.parametrize("name, weight", [("bpr", 1e-2), ("lightgcn", 1e-2)])
 def test_bpr_and_lightgcn_penalise_the_norms_of_the_batch_ego_embeddings(name, weight, dataset, tmp_path):
-    model = build(name, dataset, tmp_path, embedding_size=2)
+    model = build(name, dataset, embedding_size=2)
     assert model.config["reg_weight"] == weight
     with torch.no_grad():
         model.user_emb.copy_(torch.tensor([0.6, 0.8]).expand_as(model.user_emb))  # unit rows
         model.item_emb.copy_(torch.tensor([1.0, 0.0]).expand_as(model.item_emb))
-    batch = batch_of(dataset, size=64)
+    batch = first_batch(dataset, size=64)
     _, parts = model.loss(batch)
     # three 64 x 2 tables of unit rows: each has norm sqrt(64) = 8; (8 + 8 + 8) / 64
     assert parts["reg"] == pytest.approx(weight * 24 / 64, rel=1e-6)
 
 
 def test_vbpr_penalises_the_norms_of_its_whole_user_and_item_vectors(dataset, tmp_path):
-    model = build("vbpr", dataset, tmp_path, reg_weight=1.0)
-    batch = batch_of(dataset, size=64)
+    model = build("vbpr", dataset, reg_weight=1.0)
+    batch = first_batch(dataset, size=64)
     _, parts = model.loss(batch)
     with torch.no_grad():
         users, items = model.embed()  # [ID factors, content factors] side by side
@@ -72,9 +59,9 @@ def test_vbpr_penalises_the_norms_of_its_whole_user_and_item_vectors(dataset, tm
 
 
 def test_lgmrec_penalises_the_norms_of_the_batch_final_embeddings(dataset, tmp_path):
-    model = build("lgmrec", dataset, tmp_path, reg_weight=1.0)
+    model = build("lgmrec", dataset, reg_weight=1.0)
     model.eval()  # no dropout; the evaluation's Gumbel noise is seeded, so embed() repeats it
-    batch = batch_of(dataset, size=64)
+    batch = first_batch(dataset, size=64)
     _, parts = model.loss(batch)
     with torch.no_grad():
         users, items = model.embed()
@@ -97,8 +84,8 @@ def test_contrastive_sum_on_a_hand_case():
 
 
 def test_lgmrec_contrastive_term_is_summed_over_the_batch_and_the_size_of_bpr(dataset, tmp_path):
-    model = build("lgmrec", dataset, tmp_path)
-    batch = batch_of(dataset, size=64)
+    model = build("lgmrec", dataset)
+    batch = first_batch(dataset, size=64)
     twice = Batch(users=batch.users.repeat(2), pos_items=batch.pos_items.repeat(2), neg_items=batch.neg_items.repeat(2))
     torch.manual_seed(1)
     _, parts = model.loss(batch)
@@ -117,9 +104,9 @@ def test_lgmrec_contrastive_term_runs_from_image_to_the_other_modality_whatever_
     # sorts as audio, image (tiktok_mmssl), which once made ours run audio -> image.
     data = synthetic.generate(users=120, items=80, mean_interactions=10, feature_dims={"audio": 8, "image": 12})
     assert data.modalities == ["audio", "image"]
-    model = build("lgmrec", data, tmp_path)
+    model = build("lgmrec", data)
     assert model.contrastive_anchor() == 1
-    batch = batch_of(data, size=64)
+    batch = first_batch(data, size=64)
     torch.manual_seed(1)
     _, _, g = model._forward()
     tau = model.config["tau"]
@@ -131,7 +118,7 @@ def test_lgmrec_contrastive_term_runs_from_image_to_the_other_modality_whatever_
     assert abs(image_first.item() - audio_first.item()) > 1e-3 * image_first.item()  # the direction matters
     # without a modality named 'image', the first one is the anchor
     assert build("lgmrec", synthetic.generate(users=60, items=40, mean_interactions=8,
-                                              feature_dims={"a": 4, "b": 4}), tmp_path).contrastive_anchor() == 0
+                                              feature_dims={"a": 4, "b": 4})).contrastive_anchor() == 0
 
 
 # -- LGMRec: Gumbel-softmax assignments --------------------------------------------------------
@@ -153,7 +140,7 @@ def test_gumbel_softmax_temperature_and_noise():
 
 
 def test_lgmrec_assignments_are_gumbel_softmax_of_item_and_summed_user_logits(dataset, tmp_path):
-    model = build("lgmrec", dataset, tmp_path)
+    model = build("lgmrec", dataset)
     model.eval()
     deps = model.hyperedge_dependencies()
     # evaluation: the noise comes from a generator seeded with the run's seed, items then users
@@ -174,7 +161,7 @@ def test_lgmrec_assignments_are_gumbel_softmax_of_item_and_summed_user_logits(da
 
 
 def test_lgmrec_one_dropout_mask_per_assignment_matrix_shared_by_the_layers(dataset, tmp_path):
-    model = build("lgmrec", dataset, tmp_path, n_hyper_layers=2, gumbel=False)
+    model = build("lgmrec", dataset, n_hyper_layers=2, gumbel=False)
     model.train()
     e = model.item_emb.detach()
     torch.manual_seed(5)
@@ -194,11 +181,11 @@ def test_lgmrec_one_dropout_mask_per_assignment_matrix_shared_by_the_layers(data
 
 
 def test_bm3_item_vector_adds_the_id_embedding_to_the_graph_readout(dataset, tmp_path):
-    model = build("bm3", dataset, tmp_path, n_layers=0)
+    model = build("bm3", dataset, n_layers=0)
     users, items = model.encode()
     torch.testing.assert_close(users, model.user_emb)
     torch.testing.assert_close(items, 2 * model.item_emb)  # readout (layer 0 alone) + residual
-    model = build("bm3", dataset, tmp_path, n_layers=1)
+    model = build("bm3", dataset, n_layers=1)
     users, items = model.encode()
     ego = torch.cat([model.user_emb, model.item_emb]).detach()
     adj = model.adjacency.to_dense()
@@ -207,22 +194,22 @@ def test_bm3_item_vector_adds_the_id_embedding_to_the_graph_readout(dataset, tmp
 
 
 def test_bm3_regulariser_on_a_hand_case(dataset, tmp_path):
-    model = build("bm3", dataset, tmp_path, n_layers=0, embedding_size=2)
+    model = build("bm3", dataset, n_layers=0, embedding_size=2)
     assert model.config["dropout"] == 0.3 and model.config["reg_weight"] == 0.1
     with torch.no_grad():
         model.user_emb.zero_()
         model.item_emb.zero_()
         model.user_emb[0] = torch.tensor([3.0, 4.0])  # whole user table: norm 5
         model.item_emb[0] = torch.tensor([0.5, 0.0])  # items = 2 x ID embedding: norm 1
-    _, parts = model.loss(batch_of(dataset))
+    _, parts = model.loss(first_batch(dataset))
     assert parts["reg"] == pytest.approx(0.1 * (5 + 1) / dataset.n_items, rel=1e-6)
 
 
 def test_bm3_raw_features_are_trained(dataset, tmp_path):
-    model = build("bm3", dataset, tmp_path)
+    model = build("bm3", dataset)
     before = [f.detach().clone() for f in model.features]
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    batch = batch_of(dataset)
+    batch = first_batch(dataset)
     loss, _ = model.loss(Batch(users=batch.users, pos_items=batch.pos_items, neg_items=None))
     loss.backward()
     optimizer.step()

@@ -12,30 +12,18 @@ import torch
 import fitmm.models.freedom  # noqa: F401  (registers the models)
 import fitmm.models.smore  # noqa: F401
 import fitmm.models.vbpr  # noqa: F401
-from fitmm.config import resolve
 from fitmm.data import synthetic
 from fitmm.data.sampling import Batch, TrainSampler
 from fitmm.models import model_class
 from fitmm.models.freedom import freedom_modality_weights
 from fitmm.models.smore import all_pass, cosine_knn, elementwise_max, spectral_fusion, sym_normalize_weighted
 from fitmm.train import run_epoch
+from tiny import build, first_batch
 
 
 def tiny(feature_dims=None):
     dims = {"image": 12, "text": 8} if feature_dims is None else feature_dims
     return synthetic.generate(users=40, items=30, mean_interactions=8, feature_dims=dims)
-
-
-def make(name, dataset, **overrides):
-    config = resolve([("test", {"model": name, **overrides})])
-    cls = model_class(name)
-    cls.check(dataset, config)
-    torch.manual_seed(0)
-    return cls(dataset, config)
-
-
-def a_batch(dataset, size=64):
-    return next(TrainSampler(dataset.train, seed=0).batches(size))
 
 
 # -- SMORE ------------------------------------------------------------------------------------
@@ -50,7 +38,7 @@ def test_smore_defaults_are_the_reference_first_configuration():
 
 def test_smore_item_views_are_the_id_table_gated_by_the_spectral_output():
     ds = tiny()
-    model = make("smore", ds)
+    model = build("smore", ds)
     with torch.no_grad():
         before = model.item_views()
         # The gates see only the spectral outputs, so a view is linear in the ID table:
@@ -69,7 +57,7 @@ def test_smore_item_views_are_the_id_table_gated_by_the_spectral_output():
 
 
 def test_smore_filters_start_random_not_all_pass():
-    model = make("smore", tiny())
+    model = build("smore", tiny())
     for w in [*model.filters, model.fusion_filter]:
         assert w.shape == (64 // 2 + 1, 2)
         assert not torch.allclose(w, all_pass(64))
@@ -119,7 +107,7 @@ def test_smore_fused_graph_is_the_elementwise_max_over_the_union_of_edges():
 
 def test_smore_model_graphs_are_weighted_and_the_fused_one_is_their_max():
     ds = tiny()
-    model = make("smore", ds, image_knn_k=3, text_knn_k=2)
+    model = build("smore", ds, image_knn_k=3, text_knn_k=2)
     dense = [g.to_dense().numpy() for g, _ in model.item_graphs]
     # weighted, not binary: a row's values differ (self edge 1 and a cosine below 1, normalised)
     assert len(np.unique(np.round(dense[0][dense[0] != 0], 6))) > 1
@@ -128,7 +116,7 @@ def test_smore_model_graphs_are_weighted_and_the_fused_one_is_their_max():
 
 def test_smore_preference_module_attention_gates_and_mean_of_views():
     ds = tiny()
-    model = make("smore", ds, n_mm_layers=0)
+    model = build("smore", ds, n_mm_layers=0)
     with torch.no_grad():
         # Queries whose last layer is zero give a uniform softmax (1/d per dimension); gates whose
         # linear layer is (0, +40) give sigmoid(40) = 1 (to float precision).
@@ -147,7 +135,7 @@ def test_smore_preference_module_attention_gates_and_mean_of_views():
 
 def test_smore_dropout_is_on_the_preference_gates_only_in_training():
     ds = tiny()
-    model = make("smore", ds, dropout=0.5)
+    model = build("smore", ds, dropout=0.5)
     model.eval()
     with torch.no_grad():
         _, a = model._views()
@@ -164,7 +152,7 @@ def test_smore_dropout_is_on_the_preference_gates_only_in_training():
 
 def test_smore_loss_l2_is_on_the_final_embeddings_and_cl_pairs_side_with_behaviour():
     ds = tiny()
-    model = make("smore", ds, reg_weight=0.5, cl_weight=1.0)
+    model = build("smore", ds, reg_weight=0.5, cl_weight=1.0)
     batch = Batch(torch.tensor([0, 0, 3, 7]), torch.tensor([1, 1, 2, 4]), torch.tensor([5, 6, 8, 9]))
     model.train()  # dropout 0: training views equal evaluation views
     _, parts = model.loss(batch)
@@ -187,10 +175,10 @@ def test_smore_loss_l2_is_on_the_final_embeddings_and_cl_pairs_side_with_behavio
 
 def test_smore_raw_features_are_trainable_and_graphs_come_from_the_loaded_features():
     ds = tiny()
-    model = make("smore", ds)
+    model = build("smore", ds)
     names = dict(model.named_parameters())
     assert "item_features_0" in names and "item_features_1" in names
-    loss, _ = model.loss(a_batch(ds))
+    loss, _ = model.loss(first_batch(ds))
     loss.backward()
     assert names["item_features_0"].grad.abs().sum() > 0
     assert "item_features_0" in model.state_dict()  # trained, so saved
@@ -198,18 +186,18 @@ def test_smore_raw_features_are_trainable_and_graphs_come_from_the_loaded_featur
 
 def test_smore_learning_rate_shrinks_by_096_every_50_epochs_through_the_trainer():
     ds = tiny()
-    model = make("smore", ds)
+    model = build("smore", ds)
     assert model.lr_factor(1) == 1.0  # the reference's first epoch runs at the base lr
     assert model.lr_factor(51) == pytest.approx(0.96)
     assert model.lr_factor(26) == pytest.approx(0.96 ** 0.5)
-    fast = make("smore", ds, lr_decay=0.5, lr_decay_epochs=1)
+    fast = build("smore", ds, lr_decay=0.5, lr_decay_epochs=1)
     optimizer = torch.optim.Adam(fast.parameters(), lr=0.01)
     sampler = TrainSampler(ds.train, seed=0)
     for epoch, lr in [(1, 0.01), (2, 0.005), (4, 0.00125)]:
         run_epoch(fast, sampler, optimizer, epoch, 256, "cpu")
         assert optimizer.param_groups[0]["lr"] == pytest.approx(lr)
     # models without a schedule keep the base lr
-    vbpr = make("vbpr", ds)
+    vbpr = build("vbpr", ds)
     opt = torch.optim.Adam(vbpr.parameters(), lr=0.01)
     run_epoch(vbpr, sampler, opt, 7, 256, "cpu")
     assert opt.param_groups[0]["lr"] == 0.01
@@ -220,7 +208,7 @@ def test_smore_learning_rate_shrinks_by_096_every_50_epochs_through_the_trainer(
 
 def test_vbpr_widths_bias_and_init_follow_the_reference():
     ds = tiny()  # features: image 12 + text 8 = 20 columns
-    model = make("vbpr", ds)
+    model = build("vbpr", ds)
     assert model.defaults["reg_weight"] == 2.0 and model.defaults["epochs"] == 1000
     assert model.user_id.shape == model.user_content.shape == (40, 64)  # one 128-wide user row
     assert model.item_id.shape == (30, 64)
@@ -237,7 +225,7 @@ def test_vbpr_widths_bias_and_init_follow_the_reference():
 
 def test_vbpr_init_scales_are_xavier_for_a_128_wide_user_table_and_normal_content_layer():
     ds = synthetic.generate(users=2000, items=300, mean_interactions=5, feature_dims={"image": 256})
-    model = make("vbpr", ds)
+    model = build("vbpr", ds)
     users = torch.cat([model.user_id, model.user_content], dim=1).detach()
     bound = math.sqrt(6 / (2000 + 128))  # xavier-uniform over the whole (users x 128) table
     assert users.abs().max() <= bound and users.abs().max() > 0.95 * bound
@@ -251,17 +239,17 @@ def test_vbpr_init_scales_are_xavier_for_a_128_wide_user_table_and_normal_conten
 def test_freedom_raw_features_learn_from_the_modality_bpr_terms_only():
     ds = tiny()
     assert model_class("freedom").defaults["reg_weight"] == 0.0  # the reference's first configuration
-    model = make("freedom", ds, reg_weight=1e-3)
+    model = build("freedom", ds, reg_weight=1e-3)
     graph = model.item_graph.to_dense().clone()
     feats = dict(model.named_parameters())["item_features_0"]
-    loss, _ = model.loss(a_batch(ds))
+    loss, _ = model.loss(first_batch(ds))
     loss.backward()
     assert feats.grad.abs().sum() > 0
     with torch.no_grad():
         feats.add_(1.0)
     torch.testing.assert_close(model.item_graph.to_dense(), graph)  # the kNN graph stays frozen
-    off = make("freedom", ds)  # reg_weight 0: the terms are off, nothing reaches the features
-    off.loss(a_batch(ds))[0].backward()
+    off = build("freedom", ds)  # reg_weight 0: the terms are off, nothing reaches the features
+    off.loss(first_batch(ds))[0].backward()
     assert dict(off.named_parameters())["item_features_0"].grad is None
 
 

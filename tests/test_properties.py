@@ -9,7 +9,6 @@ import tempfile
 import numpy as np
 import pytest
 import scipy.sparse as sp
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +16,7 @@ from fitmm.data import load_mmrec, write_mmrec
 from fitmm.data.dataset import Dataset
 from fitmm.evaluate import evaluate_per_user
 from fitmm.metrics import METRIC_NAMES, mean_metrics, ranking_metrics
-from fitmm.models.base import Recommender
+from tiny import FixedScores
 
 FAST = settings(deadline=None, max_examples=100, derandomize=True)
 
@@ -119,17 +118,6 @@ def test_relabelling_users_permutes_per_user_values(case, random):
         np.testing.assert_array_equal(permuted[name], base[name][order], err_msg=name)
     for name, value in mean_metrics(permuted).items():
         assert value == pytest.approx(mean_metrics(base)[name], rel=1e-12, abs=1e-15)
-
-
-class FixedScores(Recommender):
-    name = "fixed"
-
-    def __init__(self, dataset, scores):
-        super().__init__(dataset, {})
-        self.scores = torch.as_tensor(scores, dtype=torch.float32)
-
-    def embed(self):
-        return self.scores, torch.eye(self.n_items)
 
 
 @settings(deadline=None, max_examples=40, derandomize=True)

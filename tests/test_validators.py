@@ -8,14 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-import torch
 
 from fitmm.cli import main
 from fitmm.data import load_mmrec
 from fitmm.data.dataset import Dataset
 from fitmm.errors import InputError
 from fitmm.evaluate import evaluate, rank_split
-from fitmm.models.base import Recommender
+from tiny import FixedScores
 
 HEADER = "userID\titemID\tx_label"
 # 3 users, 4 items; every user has train, valid and test rows.
@@ -146,19 +145,6 @@ def test_duplicate_rows_count_once(tmp_path):
 
 
 # ---- evaluator ------------------------------------------------------------------------------------
-
-class FixedScores(Recommender):
-    """Scores given as a dense users x items matrix (user vectors = rows, item vectors = one-hot)."""
-
-    name = "fixed"
-
-    def __init__(self, dataset, scores):
-        super().__init__(dataset, {})
-        self.scores = torch.as_tensor(np.asarray(scores), dtype=torch.float32)
-
-    def embed(self):
-        return self.scores, torch.eye(self.n_items)
-
 
 def toy(train, valid, test, n_users=2, n_items=5) -> Dataset:
     def m(pairs):

@@ -23,8 +23,9 @@ import torch
 
 from fitmm.config import resolve
 from fitmm.data.dataset import Dataset, interaction_matrix
-from fitmm.data.sampling import Batch
+from fitmm.data.sampling import Batch, TrainSampler
 from fitmm.models import model_class
+from fitmm.models.base import Recommender
 
 N_USERS, N_ITEMS = 3, 4
 EDGES = [(0, 0), (0, 1), (1, 1), (2, 2)]
@@ -49,7 +50,7 @@ def tiny_dataset(modalities=("image", "text")) -> Dataset:
 
 
 def build(name: str, dataset: Dataset | None = None, seed: int = 0, **overrides):
-    """A model on the tiny dataset (no kNN cache on disk), after its own input checks."""
+    """A model on `dataset` (default: the tiny one; no kNN cache on disk), after its own input checks."""
     dataset = dataset if dataset is not None else tiny_dataset()
     config = resolve([("test", {"model": name, "cache_dir": "none", **overrides})])
     model_class(name).check(dataset, config)
@@ -60,3 +61,22 @@ def build(name: str, dataset: Dataset | None = None, seed: int = 0, **overrides)
 def batch(users, pos, neg=None) -> Batch:
     as_t = lambda v: None if v is None else torch.tensor(v, dtype=torch.int64)  # noqa: E731
     return Batch(as_t(users), as_t(pos), as_t(neg))
+
+
+def first_batch(dataset: Dataset, size: int = 64) -> Batch:
+    """The first training batch of `size` rows (sampler seed 0), negatives included."""
+    return next(TrainSampler(dataset.train, seed=0).batches(size))
+
+
+class FixedScores(Recommender):
+    """Scores given as a dense users x items matrix (user vectors = rows, item vectors = one-hot),
+    for evaluator tests."""
+
+    name = "fixed"
+
+    def __init__(self, dataset, scores):
+        super().__init__(dataset, {})
+        self.scores = torch.as_tensor(np.asarray(scores), dtype=torch.float32)
+
+    def embed(self):
+        return self.scores, torch.eye(self.n_items)

@@ -83,6 +83,37 @@ def test_contrastive_sum_on_a_hand_case():
     assert contrastive_sum(3 * e, e, 0.5 * e, 0.2).item() == pytest.approx(3 * per_row, rel=1e-5)
 
 
+def _contrastive_by_definition(anchors, positives, candidates, tau):
+    """The docstring's formula literally (exp, sum, log; fine in float64 for these sizes)."""
+    a, p, c = (F.normalize(t, dim=1) for t in (anchors, positives, candidates))
+    return -torch.log(torch.exp((a * p).sum(1) / tau) / torch.exp(a @ c.T / tau).sum(1)).sum()
+
+
+@pytest.mark.parametrize("tau", [0.2, 0.02])  # 0.2: the bounded path; 0.02 (1/tau > 30): torch.logsumexp
+def test_contrastive_sum_value_and_gradients_match_the_definition(tau):
+    gen = torch.Generator().manual_seed(0)
+    anchors, positives = (torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    candidates = torch.randn(11, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    ours = contrastive_sum(anchors, positives, candidates, tau)
+    expected = _contrastive_by_definition(anchors, positives, candidates, tau)
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-12)
+    got = torch.autograd.grad(ours, (anchors, positives, candidates))
+    want = torch.autograd.grad(expected, (anchors, positives, candidates))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, p, c: contrastive_sum(a, p, c, tau), (anchors, positives, candidates))
+
+
+def test_contrastive_sum_with_counts_equals_the_repeated_rows():
+    gen = torch.Generator().manual_seed(1)
+    table, view = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    rows = torch.tensor([3, 0, 3, 5, 3, 0])
+    unique, counts = torch.unique(rows, return_counts=True)
+    repeated = contrastive_sum(table[rows], view[rows], view, 0.2)
+    weighted = contrastive_sum(table[unique], view[unique], view, 0.2, counts)
+    assert weighted.item() == pytest.approx(repeated.item(), rel=1e-6)
+
+
 def test_lgmrec_contrastive_term_is_summed_over_the_batch_and_the_size_of_bpr(dataset, tmp_path):
     model = build("lgmrec", dataset)
     batch = first_batch(dataset, size=64)

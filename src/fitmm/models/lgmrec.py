@@ -55,6 +55,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..graphs import normalized_adjacency, sparse_matmul, to_torch
 from ..config import AT_LEAST_0, AT_LEAST_1, Bound, POSITIVE
@@ -69,13 +70,51 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator 
     return torch.softmax((logits + noise) / tau, dim=-1)
 
 
-def contrastive_sum(anchors: torch.Tensor, positives: torch.Tensor, candidates: torch.Tensor, tau: float) -> torch.Tensor:
+# Above this 1/tau, exp of a cosine / tau could overflow float32 once summed over the candidates:
+# contrastive_sum then falls back to torch.logsumexp, which shifts by each row's maximum.
+_BOUNDED_EXP_MAX = 30.0
+
+
+class _CosineLogSumExp(torch.autograd.Function):
+    """Row-wise log sum_j exp(a_r . c_j) for logits bounded by |a_r . c_j| <= 30, in 3 passes over
+    the rows x candidates matrix (product, exp in place, row sums) and 1 more in backward.
+
+    With unit vectors the logits are cosines / tau, so for tau >= 1/30 every exp lies in
+    [e^-30, e^30] and the sums cannot overflow: the max-shift of torch.logsumexp (and its extra
+    passes, with autograd's own ~6 in backward) is not needed. Against ALL users as candidates
+    (LGMRec's contrastive term) this matrix is batch x users, ~76 MB on TikTok: those passes
+    were most of an LGMRec step."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        e = torch.mm(a, c.t()).exp_()
+        total = e.sum(dim=1)
+        ctx.save_for_backward(a, c, e, total)
+        return total.log()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        a, c, e, total = ctx.saved_tensors
+        p = e * (grad / total).unsqueeze(1)  # softmax rows x upstream; not in place: e may be reused
+        return p @ c, p.t() @ a
+
+
+def contrastive_sum(anchors: torch.Tensor, positives: torch.Tensor, candidates: torch.Tensor, tau: float,
+                    counts: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over rows r of -log( exp(cos(a_r, p_r)/tau) / sum_j exp(cos(a_r, c_j)/tau) ).
 
-    The candidates c_j are ALL rows of the positive view (the positive itself among them)."""
+    The candidates c_j are ALL rows of the positive view (the positive itself among them).
+    `counts`: row r stands for counts[r] identical batch rows (a batch repeats users and items;
+    computing each once and weighting is the same sum from a smaller matrix); None = 1 each."""
     a, p, c = F.normalize(anchors, dim=1), F.normalize(positives, dim=1), F.normalize(candidates, dim=1)
     positive = (a * p).sum(1) / tau
-    return (torch.logsumexp(a @ c.T / tau, dim=1) - positive).sum()
+    if 1.0 / tau <= _BOUNDED_EXP_MAX:
+        log_total = _CosineLogSumExp.apply(a / tau, c)
+    else:
+        log_total = torch.logsumexp(a @ c.T / tau, dim=1)
+    terms = log_total - positive
+    return terms.sum() if counts is None else (terms * counts.to(terms.dtype)).sum()
 
 
 @register
@@ -234,9 +273,11 @@ class LGMRec(Recommender):
         tau = self.config["tau"]
         a = self.contrastive_anchor()
         pairs = [(a, b) for b in range(len(globals_)) if b != a]
+        users, user_counts = torch.unique(batch.users, return_counts=True)
+        items, item_counts = torch.unique(batch.pos_items, return_counts=True)
         return sum(
-            contrastive_sum(globals_[a][0][batch.users], globals_[b][0][batch.users], globals_[b][0], tau)
-            + contrastive_sum(globals_[a][1][batch.pos_items], globals_[b][1][batch.pos_items], globals_[b][1], tau)
+            contrastive_sum(globals_[a][0][users], globals_[b][0][users], globals_[b][0], tau, user_counts)
+            + contrastive_sum(globals_[a][1][items], globals_[b][1][items], globals_[b][1], tau, item_counts)
             for a, b in pairs
         ) / len(pairs)
 

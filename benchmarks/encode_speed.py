@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--system-malloc", action="store_true", help="leave glibc malloc's defaults (measures their cost)")
     args = parser.parse_args()
     if not args.system_malloc:
-        from fitmm.train import keep_freed_memory
+        from fitmm.malloc import keep_freed_memory
 
         keep_freed_memory()
     if args.threads:

@@ -37,7 +37,8 @@ def keep_freed_memory() -> None:
     several are ~100 MB) with fresh mmaps, so every step page-faults them in again: 0.17-0.3 s
     of system time per Baby-scale FITMM step, ~0.06-0.09 s of its wall time. Fastbins off: like
     the tcache (module docstring), a freed small block parked there splits the free space
-    around it until the next consolidation; off, it merges at once (no measurable time cost).
+    around it until the next consolidation; off, it merges at once (with the tcache off too,
+    ~40 MB less peak RSS on Baby, no measurable time cost).
     """
     if not _glibc():
         return

@@ -9,7 +9,7 @@ shipped features (min for text, mean for images: the acceptance criteria). CPU s
 loaded machine from a slow one: on an idle machine wall ~ CPU / threads. On a loaded machine
 torch's worker threads spin while waiting for a descheduled sibling, which inflates CPU seconds
 with 2+ threads; `--threads 1` measures the work itself. glibc malloc is set as the CLI sets it
-(`fitmm.train.keep_freed_memory`) unless --system-malloc.
+(`fitmm.malloc`: tcache and fastbins off, freed blocks kept) unless --system-malloc.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def main() -> None:
     parser.add_argument("--system-malloc", action="store_true", help="leave glibc malloc's defaults (measures their cost)")
     args = parser.parse_args()
     if not args.system_malloc:
-        from fitmm.train import keep_freed_memory
+        from fitmm.malloc import keep_freed_memory, restart_without_malloc_caches
 
+        restart_without_malloc_caches()
         keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -47,7 +47,8 @@ from fitmm.data.sampling import TrainSampler
 from fitmm.data.synthetic import split_per_user
 from fitmm.evaluate import evaluate
 from fitmm.models import model_class
-from fitmm.train import build_model, keep_freed_memory, make_optimizer, run_epoch, train_step
+from fitmm.malloc import environ_with_malloc_defaults, keep_freed_memory, restart_without_malloc_caches
+from fitmm.train import build_model, make_optimizer, run_epoch, train_step
 
 AMAZON = {"baby": "amazon_baby", "sports": "amazon_sports", "clothing": "amazon_clothing"}
 ELEC = {"users": 192_403, "items": 63_001, "interactions": 1_689_188}
@@ -244,7 +245,7 @@ def time_release(release: Path, dataset: Dataset, inter_file: Path, epochs: int,
         (scratch / "configs").symlink_to((src / "configs").resolve())
         done = subprocess.run(
             [python, "-c", RELEASE_LAUNCHER, str(src.resolve()), str(threads), str(epochs + 1), str(scratch / "data") + "/"],
-            cwd=scratch, capture_output=True, text=True,
+            cwd=scratch, capture_output=True, text=True, env=environ_with_malloc_defaults(),  # glibc as the release runs
         )
     line = next((l for l in done.stdout.splitlines() if l.startswith("RELEASE-TIMINGS ")), None)
     if done.returncode or line is None:
@@ -278,7 +279,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.against_release and (args.scale != "baby" or args.model != "fitmm"):
         sys.exit("speed.py: --against-release compares FITMM at --scale baby")
-    keep_freed_memory()  # as `fitmm train` does
+    if argv is None:  # a process of its own: re-executed with the tcache off, as `fitmm train` is
+        restart_without_malloc_caches()
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -261,3 +261,24 @@ def test_a_k_above_the_node_count_matters_only_when_its_graph_is_built(tmp_path)
     make(tmp_path, tiny_dataset(), embedding_size=4, knn_k=9, item_graph=False)  # likewise knn_k without the item graph
     with pytest.raises(InputError, match="'user_knn_k': must be at most the number of users \\(3\\), got 10"):
         make(tmp_path, tiny_dataset(), embedding_size=4, knn_k=2, user_graph=True)
+
+
+def test_a_step_saves_one_hidden_layer_per_mlp_and_no_copy_of_the_user_tables(tmp_path):
+    """Memory of a training step (docs/performance.md, "Memory III"): autograd holds, per feature
+    MLP, ONE items x mlp_hidden matrix (the in-place activation's output, which the second layer
+    saves anyway), and per branch only the layer sum (U + I) x d, not also a normalised copy of
+    the concatenated [user table; items] (normalised per part, the user table itself is saved)."""
+    model, ds = make(tmp_path)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    sizes = {}  # storage -> number of elements, for every saved tensor that is not a parameter
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.loss(batch_of(ds))
+    counts = list(sizes.values())
+    assert counts.count(ds.n_items * model.config["mlp_hidden"]) == len(model.modalities)
+    assert counts.count((ds.n_users + ds.n_items) * model.d) == 1 + len(model.modalities)

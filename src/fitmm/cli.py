@@ -545,8 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "path", None) is not None:
         args.data = args.path
     if getattr(args, "func", None) in (cmd_train, cmd_evaluate, cmd_bench, cmd_search, cmd_data_encode):
-        from .train import keep_freed_memory
+        from .malloc import keep_freed_memory, restart_without_malloc_caches
 
+        if argv is None:  # a process of its own (not a call from Python): safe to re-execute
+            restart_without_malloc_caches()
         keep_freed_memory()
     try:
         return args.func(args)

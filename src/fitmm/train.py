@@ -26,7 +26,6 @@ Tracking (tracking.py) and searches hang on this hook; the loop knows nothing ab
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import random
@@ -53,24 +52,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def keep_freed_memory() -> None:
-    """Let glibc's malloc keep and reuse freed large blocks instead of returning each to the OS.
-
-    A training step allocates and frees the same tensors every time (with a trainable 4096-d
-    feature table, several of ~100 MB). By default glibc serves blocks that large with fresh
-    mmaps, so every step page-faults them in again: 0.17-0.3 s of system time per Baby-scale
-    FITMM step, ~0.06-0.09 s of its wall time (docs/performance.md). Process-wide, so only the
-    command line (and the benchmarks that measure it) call this; a no-op where the C library is
-    not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks below 1 GiB from the heap
-        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap for reuse
-    except (OSError, AttributeError):
-        pass
 
 
 def use_threads(config: dict[str, Any]) -> None:

@@ -163,8 +163,11 @@ class FITMM(Recommender):
         for name in self.modalities:
             feat = torch.from_numpy(dataset.features_for_model(name, trained=config["train_features"]))
             self.features.append(nn.Parameter(feat, requires_grad=config["train_features"]))
+            # In place: the activation then keeps only its output (which the second layer saves
+            # anyway) for its backward, not its input too; one I x mlp_hidden matrix less held.
             self.mlps.append(nn.Sequential(
-                nn.Linear(feat.shape[1], config["mlp_hidden"]), nn.LeakyReLU(0.01), nn.Linear(config["mlp_hidden"], d),
+                nn.Linear(feat.shape[1], config["mlp_hidden"]), nn.LeakyReLU(0.01, inplace=True),
+                nn.Linear(config["mlp_hidden"], d),
             ))
         # §4: per-user modality weights, softmax of a xavier-normal draw, then trained freely.
         self.user_modality_weights = nn.Parameter(
@@ -207,7 +210,9 @@ class FITMM(Recommender):
         item_ego = [self.item_id] + [self._item_ego(mlp, feat) for mlp, feat in zip(self.mlps, self.features)]
         branches = []
         for user_ego, items in zip(self.user_ego, item_ego):
-            x = F.normalize(torch.cat([user_ego, items]), dim=1)
+            # Rows normalised before the concatenation (the same values): normalize's backward
+            # then holds the user table itself, not an (I + U) x d copy of it.
+            x = torch.cat([F.normalize(user_ego, dim=1), F.normalize(items, dim=1)])
             total = x
             for _ in range(self.config["n_layers"]):
                 x = sparse_matmul(self.adjacency, x)

@@ -17,7 +17,8 @@ float32 / bfloat16 / float64 rate on a 4096^2 product at the run's thread count,
 the same run, best of 3), floor_seconds (the epoch's dense-FLOP floor: each dtype's FLOPs x
 steps / its rate) and floor_ratio (seconds_per_epoch / floor_seconds; 1.0 would mean every
 counted product at peak and everything else free). --profile N prints torch.profiler's top
-operators over N training steps. --against-release DIR also trains the authors' released FITMM
+operators over N training steps. --compile trains through torch.compile(model.loss) (its
+compilation falls in the warm-up epoch). --against-release DIR also trains the authors' released FITMM
 (a checkout of github arkina3931/FITMM, MMRec-based; run with --release-python, an interpreter
 whose environment has what the release imports: torch, pandas, torch_geometric, lmdb,
 torchvision) on the same interactions, features and threads, and prints both side by side.
@@ -272,6 +273,9 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--json", type=Path, help="write the measurements here")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N training steps and print the top operators")
+    parser.add_argument("--compile", action="store_true",
+                        help="train through torch.compile(model.loss) (needs a C++ compiler on CPU; the warm-up "
+                             "epoch absorbs the compilation: see its time in epoch_seconds)")
     parser.add_argument("--against-release", type=Path, metavar="DIR",
                         help="also time the authors' released FITMM (a checkout of its MMRec-based code; baby only)")
     parser.add_argument("--release-python", default=sys.executable,
@@ -300,10 +304,12 @@ def main(argv=None) -> int:
         model = build_model(config, dataset, device)
     sampler = TrainSampler(dataset.train, seed=config["seed"])
     optimizer = make_optimizer(model, config)
+    # torch's compiler, for the record (docs/performance.md): on a 2-core CPU it made a step slower
+    loss_fn = torch.compile(model.loss) if args.compile else None
     epoch_seconds, epoch_cpu = [], []
     for epoch in range(args.epochs + 1):
         start, cpu = time.perf_counter(), time.process_time()
-        run_epoch(model, sampler, optimizer, epoch + 1, config["batch_size"], device)
+        run_epoch(model, sampler, optimizer, epoch + 1, config["batch_size"], device, loss_fn=loss_fn)
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_seconds.append(time.perf_counter() - start)
@@ -339,6 +345,7 @@ def main(argv=None) -> int:
         "epoch_seconds": epoch_seconds,
         "epoch_cpu_seconds": epoch_cpu,  # this process's user + system time per epoch
         "eval_seconds": eval_seconds,
+        "compiled": args.compile,
         "graph_seconds": graph_seconds,
         "peak_rss_mb": peak_rss,
         "gflop_per_step": sum(flops.values()) / 1e9,

@@ -47,7 +47,6 @@ from fitmm.data.dataset import Dataset, interaction_matrix
 from fitmm.data.sampling import TrainSampler
 from fitmm.data.synthetic import split_per_user
 from fitmm.evaluate import evaluate
-from fitmm.models import model_class
 from fitmm.malloc import environ_with_malloc_defaults, keep_freed_memory, restart_without_malloc_caches
 from fitmm.train import build_model, make_optimizer, run_epoch, train_step
 

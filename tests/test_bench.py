@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import scipy.stats
 
 import fitmm.bench as bench
+from fitmm import runio
 from fitmm.cli import main
 from fitmm.models import model_class
 
@@ -254,3 +256,24 @@ def test_select_best_and_wilcoxon_edge_cases():
     assert pa.tolist() == [0.2, 0.3] and pb.tolist() == [0.25, 0.35]
     assert bench.parse_seeds(None, None) == [1, 2, 3, 4, 5] and bench.parse_seeds(None, "3,1") == [3, 1]
     assert math.isclose(bench.mean_std([1.0, 3.0])[1], math.sqrt(2)) and bench.mean_std([2.0])[1] is None
+
+
+def test_a_cell_another_process_is_starting_is_not_deleted(tmp_path, tiny, capsys):
+    # Two benches on one --out: the second must not remove the first's cell before its first checkpoint.
+    out = tmp_path / "bench"
+    args = ["--models", "bpr", "--seeds", "1", *tiny]
+    assert run_bench(out, *args) == 0
+    (cell,) = (out / "runs" / "bpr").iterdir()
+    for name in ("summary.json", "last.pt", "best.pt", "per_user.npz"):
+        (cell / name).unlink()
+    before = sorted(p.name for p in cell.iterdir())
+    lock = runio.lock_run_dir(cell)  # what a training process holds while it runs
+    try:
+        capsys.readouterr()
+        assert run_bench(out, *args) == 2
+        assert f"pid {os.getpid()}" in capsys.readouterr().err
+        assert sorted(p.name for p in cell.iterdir()) == before
+    finally:
+        lock.release()
+    assert run_bench(out, *args) == 0  # once it is free, the unfinished start is redone
+    assert (cell / "summary.json").is_file()

@@ -24,7 +24,7 @@ Bench folder (every file written atomically; the command can be re-run to contin
     bench.png                     mean test Recall@20 and NDCG@20 per model, std error bars (matplotlib)
 
 A cell whose summary.json exists is not run again; one with last.pt but no summary.json is resumed;
-one with neither is removed and started again.
+one with neither is removed and started again, unless another process holds it (then exit 2, naming its pid).
 """
 
 from __future__ import annotations
@@ -229,6 +229,9 @@ def run_cell(cell: Cell, dataset, log: Callable[[str], None] = _log, callbacks: 
     if resume:
         log("  resuming from last.pt")
     elif run_dir.exists():
+        # A start without a checkpoint may be another bench's on the same --out, still in its
+        # first epoch: never delete a cell someone holds.
+        runio.check_not_busy(run_dir)
         log("  removing an unfinished start (no last.pt) and starting again")
         shutil.rmtree(run_dir)
     runio.write_json(run_dir / "overrides.json", cell.overrides)

@@ -199,6 +199,12 @@ def _busy(run_dir: Path) -> InputError:
                       f"or stop it, then try again")
 
 
+def check_not_busy(run_dir: Path) -> None:
+    """InputError naming the holder's pid when another process holds `run_dir`'s lock."""
+    if _is_locked(run_dir):
+        raise _busy(run_dir)
+
+
 def lock_run_dir(run_dir: Path) -> RunLock:
     """Take the exclusive lock of an existing run directory (resume, bench); InputError naming the holder's pid."""
     try:
@@ -216,8 +222,7 @@ def check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() or run_dir.is_symlink():
         if not run_dir.is_dir():
             raise InputError(f"{run_dir}: exists and is not a directory; choose a new --out")
-        if _is_locked(run_dir):
-            raise _busy(run_dir)
+        check_not_busy(run_dir)
         if any(run_dir.iterdir()):
             raise InputError(f"{run_dir}: already exists and is not empty; choose a new --out, "
                              f"or continue it with --resume {run_dir}")

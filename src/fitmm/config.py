@@ -138,9 +138,10 @@ KEY_HELP: dict[str, str] = {
     "synthetic_feature_noise": "synthetic data: feature noise std relative to the signal",
 }
 
-# Keys that never change a run's numbers (display, speed, where caches live): `fitmm bench` leaves
-# them out of a cell's name and `fitmm search` out of a study's definition.
-RESULT_NEUTRAL_KEYS = frozenset({"progress", "threads", "device", "cache_dir", "eval_batch_size"})
+# Keys that never change a run's numbers (display, speed, where caches and logs live): `fitmm bench`
+# leaves them out of a cell's name, `fitmm search` out of a study's definition, and `fitmm report`
+# pools runs that differ only in these and the seed.
+RESULT_NEUTRAL_KEYS = frozenset({"progress", "threads", "device", "cache_dir", "eval_batch_size", "tracking_uri"})
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),

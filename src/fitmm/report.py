@@ -8,10 +8,11 @@ from pathlib import Path
 
 import yaml
 
+from .config import RESULT_NEUTRAL_KEYS
 from .errors import InputError
 
-# Keys that cannot change a run's numbers: runs differing only in these (and the seed) are pooled.
-NOT_GROUPED = ("seed", "progress", "cache_dir", "tracking_uri")
+# Runs differing only in these are pooled: the seed, and the keys that cannot change a run's numbers.
+NOT_GROUPED = frozenset({"seed"} | RESULT_NEUTRAL_KEYS)
 
 
 def read_summaries(run_dirs: list[str | Path]) -> list[dict]:

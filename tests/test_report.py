@@ -26,7 +26,8 @@ def fake_run(folder, seed, recall, **overrides):
 def test_report_pools_only_runs_that_differ_in_the_seed(tmp_path, capsys):
     runs = [
         fake_run(tmp_path / "a1", 1, 0.10, epochs=3),
-        fake_run(tmp_path / "a2", 2, 0.20, epochs=3, progress=False),  # progress cannot change results
+        # progress, threads and the device cannot change results (config.RESULT_NEUTRAL_KEYS)
+        fake_run(tmp_path / "a2", 2, 0.20, epochs=3, progress=False, threads=1, device="cpu"),
         fake_run(tmp_path / "b1", 1, 0.40, epochs=20),
         # the same reg_weight as bpr's default, so that only epochs differs between the groups
         fake_run(tmp_path / "c1", 1, 0.50, epochs=20, model="lightgcn",

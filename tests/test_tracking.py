@@ -73,6 +73,23 @@ def test_bench_is_one_parent_run_with_each_trained_run_nested(tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
+def test_a_bench_cell_that_fails_is_a_failed_mlflow_run_not_a_running_one(tmp_path, monkeypatch):
+    import fitmm.bench as bench
+
+    def failing_train(config, dataset, run_dir, resume=False, callbacks=()):
+        raise FloatingPointError("the loss is NaN")  # what a diverging run raises
+
+    monkeypatch.setattr(bench, "train", failing_train)
+    store = tmp_path / "store"
+    args = ["bench", "--models", "bpr", "--seeds", "1", "--out", str(tmp_path / "bench"), "--track", "mlflow",
+            *small_args("epochs=2", "threads=1", "cache_dir=none", f"tracking_uri={store}")]
+    assert main(args) == 1  # an internal error, reported with its traceback
+    _, runs = _runs(store)
+    child = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 2 and len(child) == 1
+    assert [r.info.status for r in runs] == ["FAILED", "FAILED"]  # the bench, and its cell
+
+
 def test_track_mlflow_without_the_extra_is_exit_2_naming_what_to_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow now raises ImportError
     out = tmp_path / "run"

@@ -237,7 +237,13 @@ def run_cell(cell: Cell, dataset, log: Callable[[str], None] = _log, callbacks: 
     runio.write_json(run_dir / "overrides.json", cell.overrides)
     if callbacks is None:
         return train(cell.config, dataset, run_dir, resume=resume)
-    return train(cell.config, dataset, run_dir, resume=resume, callbacks=callbacks(cell.config, run_dir, resume))
+    trackers = callbacks(cell.config, run_dir, resume)
+    try:
+        return train(cell.config, dataset, run_dir, resume=resume, callbacks=trackers)
+    except BaseException:
+        for tracker in trackers:  # a cell that failed (or was interrupted) is marked so in MLflow
+            tracker.close("FAILED")
+        raise
 
 
 def select_best(scores: list[float]) -> int:

@@ -68,7 +68,7 @@ def _csr64(m: sp.spmatrix) -> torch.Tensor:
     m = sp.csr_matrix(m, dtype=np.float64)
     return torch.sparse_csr_tensor(
         torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.int64)),
-        torch.from_numpy(m.data), size=m.shape,
+        torch.from_numpy(m.data), size=m.shape, check_invariants=True,  # a test may as well check them
     )
 
 

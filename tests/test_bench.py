@@ -277,3 +277,22 @@ def test_a_cell_another_process_is_starting_is_not_deleted(tmp_path, tiny, capsy
         lock.release()
     assert run_bench(out, *args) == 0  # once it is free, the unfinished start is redone
     assert (cell / "summary.json").is_file()
+
+
+def test_a_cell_made_before_a_default_changed_is_refused_not_reused(tmp_path, tiny, monkeypatch, capsys):
+    # The defaults' cell is named by overrides relative to the defaults; when a default changes,
+    # the old cell keeps its name but holds the old value's run (this happened to BPR's reg_weight).
+    out = tmp_path / "bench"
+    args = ["--models", "bpr", "--seeds", "1", *tiny]
+    assert run_bench(out, *args) == 0
+    (cell,) = (out / "runs" / "bpr").iterdir()
+    summary = (cell / "summary.json").read_text()
+    old = model_class("bpr").defaults["reg_weight"]
+    monkeypatch.setitem(model_class("bpr").defaults, "reg_weight", old * 10)
+    capsys.readouterr()
+    assert run_bench(out, *args) == 2
+    err = capsys.readouterr().err
+    assert str(cell) in err and f"reg_weight: {old!r} there, {old * 10!r} now" in err and "remove that folder" in err
+    assert (cell / "summary.json").read_text() == summary  # nothing touched
+    monkeypatch.setitem(model_class("bpr").defaults, "reg_weight", old)
+    assert run_bench(out, *args) == 0  # the same defaults: reused as before

@@ -48,7 +48,7 @@ import numpy as np
 
 from . import runio
 from . import search as hpsearch
-from .config import BASE_DEFAULTS, RESULT_NEUTRAL_KEYS, resolve
+from .config import BASE_DEFAULTS, RESULT_NEUTRAL_KEYS, read_config_file, resolve
 from .data import load as load_dataset
 from .errors import InputError
 from .models import model_class
@@ -217,11 +217,27 @@ def make_cell(out: Path, plan: ModelPlan, index: int, seed: int, shared: dict[st
     return Cell(plan.model, plan.points[index], seed, config, overrides, cell_dir(out, plan.model, overrides, seed))
 
 
+def check_same_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """InputError unless the run in `run_dir` was made with `config` (result-neutral keys and the data
+    path aside). A cell is named by its overrides relative to the model's defaults, so when a default
+    changes, an older cell of the defaults' point holds a run of the OLD value under the same name:
+    reusing it would put another configuration's numbers in the table."""
+    saved = resolve([(f"{run_dir / 'config.yaml'}", read_config_file(run_dir / "config.yaml"))])
+    differ = sorted(k for k in set(saved) | set(config)
+                    if k not in RESULT_NEUTRAL_KEYS and k != "data" and saved.get(k) != config.get(k))
+    if differ:
+        what = ", ".join(f"{k}: {saved.get(k)!r} there, {config.get(k)!r} now" for k in differ)
+        raise InputError(f"{run_dir}: holds a run of another configuration ({what}; a default that changed since it "
+                         f"ran?); remove that folder to train the cell again")
+
+
 def run_cell(cell: Cell, dataset, log: Callable[[str], None] = _log, callbacks: Callable | None = None) -> dict[str, Any]:
     """The cell's summary: read when the run finished earlier, otherwise trained (or resumed).
     `callbacks(config, run_dir, resume)`: the trainer callbacks of a run it trains (tracking)."""
     run_dir = cell.run_dir
     summary_path = run_dir / "summary.json"
+    if summary_path.is_file() or (run_dir / "last.pt").is_file():
+        check_same_config(run_dir, cell.config)
     if summary_path.is_file():
         log("  finished earlier; not run again")
         return json.loads(summary_path.read_text())

@@ -382,12 +382,7 @@ def train_run(plan: Plan, argv: list[str], run_dir: Path) -> None:
     resumed, one that never checkpointed starts again. A run dir holding another configuration is
     an error (never silently reused)."""
     if (run_dir / "config.yaml").is_file():
-        have = numbers(fitmm_cli.run_config(run_dir))
-        want = numbers(intended_config(argv))
-        if have != want:
-            differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-            raise InputError(f"{run_dir}: holds a run of another configuration ({', '.join(differ)} differ); "
-                             f"choose another --out or remove that folder")
+        bench.check_same_config(run_dir, intended_config(argv))
     if (run_dir / "summary.json").is_file():
         return
     if (run_dir / "last.pt").is_file():

@@ -226,7 +226,7 @@ def test_write_tuned_config_writes_the_proposal_where_asked(quick, tmp_path):
 
 def test_a_run_folder_of_another_configuration_is_refused(quick, capsys):
     assert repro.main(quick_args(quick["out"], "--stages", "c", "--set", "epochs=3")) == 2
-    assert "holds a run of another configuration (epochs differ)" in capsys.readouterr().err
+    assert "holds a run of another configuration (epochs: 2 there, 3 now" in capsys.readouterr().err
     assert run_files(quick["out"]) == quick["files"]
 
 

@@ -227,8 +227,8 @@ def check_same_config(run_dir: Path, config: dict[str, Any]) -> None:
                     if k not in RESULT_NEUTRAL_KEYS and k != "data" and saved.get(k) != config.get(k))
     if differ:
         what = ", ".join(f"{k}: {saved.get(k)!r} there, {config.get(k)!r} now" for k in differ)
-        raise InputError(f"{run_dir}: holds a run of another configuration ({what}; a default that changed since it "
-                         f"ran?); remove that folder to train the cell again")
+        raise InputError(f"{run_dir}: holds a run of another configuration ({what}: another --out's folder, or a "
+                         f"model default changed since it ran); remove that folder to train it again")
 
 
 def run_cell(cell: Cell, dataset, log: Callable[[str], None] = _log, callbacks: Callable | None = None) -> dict[str, Any]:

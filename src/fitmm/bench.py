@@ -48,7 +48,8 @@ import numpy as np
 
 from . import runio
 from . import search as hpsearch
-from .config import BASE_DEFAULTS, RESULT_NEUTRAL_KEYS, read_config_file, resolve
+from .cli import run_config
+from .config import BASE_DEFAULTS, RESULT_NEUTRAL_KEYS, resolve
 from .data import load as load_dataset
 from .errors import InputError
 from .models import model_class
@@ -218,13 +219,13 @@ def make_cell(out: Path, plan: ModelPlan, index: int, seed: int, shared: dict[st
 
 
 def check_same_config(run_dir: Path, config: dict[str, Any]) -> None:
-    """InputError unless the run in `run_dir` was made with `config` (result-neutral keys and the data
-    path aside). A cell is named by its overrides relative to the model's defaults, so when a default
-    changes, an older cell of the defaults' point holds a run of the OLD value under the same name:
-    reusing it would put another configuration's numbers in the table."""
-    saved = resolve([(f"{run_dir / 'config.yaml'}", read_config_file(run_dir / "config.yaml"))])
+    """InputError unless the run in `run_dir` was made with `config` (result-neutral keys aside). A
+    cell is named by its overrides relative to the model's defaults, so when a default changes, an
+    older cell of the defaults' point holds a run of the OLD value under the same name: reusing it
+    would put another configuration's numbers in the table."""
+    saved = run_config(run_dir)
     differ = sorted(k for k in set(saved) | set(config)
-                    if k not in RESULT_NEUTRAL_KEYS and k != "data" and saved.get(k) != config.get(k))
+                    if k not in RESULT_NEUTRAL_KEYS and saved.get(k) != config.get(k))
     if differ:
         what = ", ".join(f"{k}: {saved.get(k)!r} there, {config.get(k)!r} now" for k in differ)
         raise InputError(f"{run_dir}: holds a run of another configuration ({what}: another --out's folder, or a "

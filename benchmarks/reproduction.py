@@ -26,9 +26,11 @@ their own way. Stages (--stages, default all; each one skips a dataset whose fol
      when that ratio is >= 1 - --tolerance. configs/fitmm-tuned.yaml is written only with
      --write-tuned-config (never silently).
   c. ablations: `fitmm train` per variant and seed (--ablation-seeds, default 3) around ONE base
-     configuration: configs/fitmm-tuned.yaml when it exists, else the released defaults
-     (--ablation-base); into OUT/ablations-<dataset>/<base>/<variant>/s<seed>. A variant equal to
-     the base is the base's runs.
+     configuration per dataset (--ablation-base): configs/fitmm-tuned.yaml when it exists, else the
+     released defaults; or, with `winner`, each dataset's own search winner (its searched keys,
+     written to OUT/tuned-<dataset>/winner.yaml once stage b's search there has finished, so one
+     dataset's ablations can start while the other's search still runs); into
+     OUT/ablations-<dataset>/<base>/<variant>/s<seed>. A variant equal to the base is the base's runs.
   d. plots: test Recall@20 against the number of bands; the singular-value energy per band and the
      gate distributions of a trained model (the ablation base's first seed, else released FITMM's);
      each dataset's main table as bars.
@@ -211,9 +213,9 @@ class Data:
 
 @dataclass
 class Base:
-    kind: str  # "released" or "tuned"
+    kind: str  # "released", "tuned" (one file for every dataset) or "winner" (each dataset's own)
     file: Path | None
-    tag: str  # its folder name under OUT/ablations-<dataset>/
+    tag: str  # its folder name under OUT/ablations-<dataset>/; for "winner" see dataset_base
 
 
 @dataclass
@@ -252,7 +254,7 @@ def tuned_dir(plan: Plan, d: Data) -> Path:
 
 
 def ablation_dir(plan: Plan, d: Data) -> Path:
-    return plan.out / f"ablations-{d.name}" / plan.base.tag
+    return plan.out / f"ablations-{d.name}" / dataset_base(plan, d).tag
 
 
 def parse_datasets(text: str | None, quick: bool, root: Path) -> list[Data]:
@@ -284,11 +286,13 @@ def parse_ablations(text: str | None) -> list[Variant]:
 
 
 def parse_base(text: str) -> Base:
-    """--ablation-base auto | released | tuned | FILE.yaml."""
+    """--ablation-base auto | released | tuned | winner | FILE.yaml."""
     if text == "auto":
         text = "tuned" if TUNED_CONFIG.is_file() else "released"
     if text == "released":
         return Base("released", None, "released")
+    if text == "winner":
+        return Base("winner", None, "winner")
     path = TUNED_CONFIG if text == "tuned" else Path(text)
     if not path.is_file():
         raise InputError(f"--ablation-base {text}: {path} not found; use released, or write it first "
@@ -541,10 +545,33 @@ def stage_b_cross(plan: Plan) -> None:
 # -- stage c: ablations -------------------------------------------------------------------------------
 
 
+def winner_file(plan: Plan, d: Data) -> Path:
+    return tuned_dir(plan, d) / "winner.yaml"
+
+
+def dataset_base(plan: Plan, d: Data) -> Base:
+    """The ablation base on dataset d. For "winner": the dataset's search winner, written to
+    winner_file as a config file (kept in step with search/fitmm/best.yaml, so a search extended to
+    another winner gets new ablation folders, named by the winner's content); until that search has
+    finished, a base with no file and the tag "winner-pending", whose runs are all "not run"."""
+    if plan.base.kind != "winner":
+        return plan.base
+    point = winner_point(plan, d)
+    if point is None:
+        return Base("winner", None, "winner-pending")
+    path = winner_file(plan, d)
+    text = (f"# FITMM's search winner on {d.name} (the searched keys of {tuned_dir(plan, d)}/search/fitmm/best.yaml)\n"
+            + yaml.safe_dump({"model": "fitmm", **point}, sort_keys=False))
+    if not path.is_file() or path.read_text() != text:
+        runio.atomic_write(path, lambda h: h.write(text.encode()))
+    return Base("winner", path, f"winner-{content_tag(path)}")
+
+
 def ablation_argv(plan: Plan, d: Data, variant: Variant | None, seed: int) -> list[str]:
     argv = ["train", "--model", "fitmm", "--data", d.data]
-    if plan.base.file is not None:
-        argv += ["--config", str(plan.base.file)]
+    base = dataset_base(plan, d)
+    if base.file is not None:
+        argv += ["--config", str(base.file)]
     argv += plan.set_args(d)
     if variant is not None:
         argv += ["--set", f"{variant.key}={fmt(variant.value)}"]
@@ -569,6 +596,9 @@ def ablation_runs(plan: Plan, d: Data, variant: Variant | None, same: bool) -> l
 
 
 def stage_c(plan: Plan, d: Data) -> None:
+    if dataset_base(plan, d).tag == "winner-pending":
+        log(f"stage c: {d.name}: --ablation-base winner needs its search (stage b) finished first; skipped")
+        return
     for variant, same in ablation_cells(plan, d, plan.ablations):
         if variant is not None and same:
             continue
@@ -1002,7 +1032,9 @@ def tuning_section(r: Report, plan: Plan) -> None:
 def ablation_section(r: Report, plan: Plan) -> dict[str, list]:
     base = plan.base
     r.add("", "## Ablations (stage c)", "")
-    if base.file is None:
+    if base.kind == "winner":
+        r.add("Base configuration: **each dataset's own search winner** (stage b), named under each dataset below.")
+    elif base.file is None:
         r.add("Base configuration: **the released defaults** (FITMM's defaults: "
               + bench.format_point({k: v for k, v in model_class("fitmm").defaults.items()
                                     if k in ("num_bands", "gate", "ib_weight", "ib_phi", "consistency", "cl_weight",
@@ -1033,6 +1065,13 @@ def ablation_section(r: Report, plan: Plan) -> dict[str, list]:
         if d.missing:
             r.add(f"Not run: {d.missing}.")
             continue
+        if base.kind == "winner":
+            own = dataset_base(plan, d)
+            if own.file is None:
+                r.add(f"Not run: the base is {d.name}'s search winner, and its search (stage b) has not finished.")
+                continue
+            r.add(f"Base: {own.file} (" + bench.format_point(
+                {k: v for k, v in read_config_file(own.file).items() if k != "model"}) + ").", "")
         rows = ablation_rows(plan, d)
         results[d.name] = rows
         example = Variant("gate", "gate", "off")
@@ -1182,6 +1221,8 @@ def commands_section(r: Report, plan: Plan) -> None:
                 if cross.runs[source.name, target.name] is not None:
                     all_commands.append(command_text(cross.argv(plan, source.name, target)))
     for d in plan.present():
+        if dataset_base(plan, d).tag == "winner-pending":
+            continue  # its base is not known yet
         for variant, same in ablation_cells(plan, d, plan.ablations):
             if variant is not None and same:
                 continue
@@ -1235,7 +1276,7 @@ def make_plan(argv: list[str]) -> Plan:
     p.add_argument("--models", help=f"baselines of the main table (default {REAL['models']})")
     p.add_argument("--ablations", help="only these ablations, e.g. num_bands=1,gate=off (default all)")
     p.add_argument("--ablation-base", default="auto", help="auto (configs/fitmm-tuned.yaml if it exists, else "
-                   "released) | released | tuned | FILE.yaml")
+                   "released) | released | tuned | winner (each dataset's own search winner) | FILE.yaml")
     p.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="passed to every fitmm command, e.g. --set threads=1")
     p.add_argument("--out", help="folder of every run (default runs/reproduction; --quick: runs/reproduction-quick)")

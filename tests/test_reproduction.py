@@ -7,6 +7,7 @@ configuration refused."""
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -228,6 +229,32 @@ def test_a_run_folder_of_another_configuration_is_refused(quick, capsys):
     assert repro.main(quick_args(quick["out"], "--stages", "c", "--set", "epochs=3")) == 2
     assert "holds a run of another configuration (epochs: 2 there, 3 now" in capsys.readouterr().err
     assert run_files(quick["out"]) == quick["files"]
+
+
+def test_winner_base_ablates_each_dataset_around_its_own_search_winner(quick, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(quick["out"], out)
+    (out / "tuned-synthetic-b" / "search" / "fitmm" / "best.yaml").unlink()  # as if its search still ran
+    args = quick_args(out, "--stages", "c,e", "--ablation-base", "winner", "--ablations", "gate=off",
+                      "--ablation-seeds", "1")
+    assert repro.main(args) == 0
+    best = read_config_file(out / "tuned-synthetic-a" / "search" / "fitmm" / "best.yaml")
+    winner = read_config_file(out / "tuned-synthetic-a" / "winner.yaml")
+    searched = set(repro.model_class("fitmm").search_space)
+    assert winner["model"] == "fitmm" and set(winner) - {"model"} <= searched
+    assert {k: best[k] for k in winner if k != "model"} == {k: v for k, v in winner.items() if k != "model"}
+    [base_dir] = (out / "ablations-synthetic-a").glob("winner-*")
+    for variant in ("base", "gate=off"):
+        ran = read_config_file(base_dir / variant / "s1" / "config.yaml")
+        assert all(ran[k] == v for k, v in winner.items() if k not in ("model", "gate"))
+        assert (base_dir / variant / "s1" / "summary.json").is_file()
+    assert read_config_file(base_dir / "gate=off" / "s1" / "config.yaml")["gate"] == "off"
+    # The other dataset's search has not finished: nothing ran there, and the report says why.
+    assert not list((out / "ablations-synthetic-b").glob("winner*"))
+    report = (out / "reproduction.md").read_text()
+    assert "Base configuration: **each dataset's own search winner**" in report
+    assert f"Base: {out / 'tuned-synthetic-a' / 'winner.yaml'} (" in report
+    assert "Not run: the base is synthetic-b's search winner, and its search (stage b) has not finished." in report
 
 
 # -- the verdict rule and a report without runs ---------------------------------------------------

@@ -72,6 +72,7 @@ def _csr64(m: sp.spmatrix) -> torch.Tensor:
     )
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")  # check_invariants warns
 def test_sparse_matmul_gradient_with_a_non_symmetric_rectangular_matrix():
     a = sp.random(5, 3, density=0.6, random_state=1, format="csr") + sp.csr_matrix(([2.0], ([4], [0])), shape=(5, 3))
     x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)

@@ -72,7 +72,7 @@ import yaml
 
 from fitmm import bench, runio
 from fitmm import cli as fitmm_cli
-from fitmm.config import RESULT_NEUTRAL_KEYS, parse_set, read_config_file
+from fitmm.config import RESULT_NEUTRAL_KEYS, format_point, parse_set, read_config_file
 from fitmm.errors import InputError
 from fitmm.models import model_class
 
@@ -994,7 +994,7 @@ def tuning_section(r: Report, plan: Plan) -> None:
               "| trial | valid Recall@20 | epochs | configuration |", "|---|---|---|---|")
         for t in summary["top"]:
             r.add(f"| {t['number']} | {t['value']:.4f} | {t['epochs'] if t['epochs'] is not None else ''} | "
-                  f"{bench.format_point(t['point'])} |")
+                  f"{format_point(t['point'])} |")
     r.add("", "### One configuration for both datasets?", "")
     proposal = propose(plan)
     if proposal is None:
@@ -1019,7 +1019,7 @@ def tuning_section(r: Report, plan: Plan) -> None:
     if proposal["source"] is None:
         r.add("", "No candidate ran on every dataset, so none is proposed.")
     elif proposal["serves"]:
-        r.add("", f"**Proposed**: {proposal['source']}'s winner ({bench.format_point(proposal['point'])}), worst ratio "
+        r.add("", f"**Proposed**: {proposal['source']}'s winner ({format_point(proposal['point'])}), worst ratio "
               f"{proposal['worst']:.3f}, written to {proposed}. configs/fitmm-tuned.yaml is written only by "
               "`--write-tuned-config`" + (f" (present: {TUNED_CONFIG.relative_to(REPO)})." if TUNED_CONFIG.is_file()
                                          else " (not present)."))
@@ -1036,12 +1036,12 @@ def ablation_section(r: Report, plan: Plan) -> dict[str, list]:
         r.add("Base configuration: **each dataset's own search winner** (stage b), named under each dataset below.")
     elif base.file is None:
         r.add("Base configuration: **the released defaults** (FITMM's defaults: "
-              + bench.format_point({k: v for k, v in model_class("fitmm").defaults.items()
+              + format_point({k: v for k, v in model_class("fitmm").defaults.items()
                                     if k in ("num_bands", "gate", "ib_weight", "ib_phi", "consistency", "cl_weight",
                                              "item_graph", "user_graph", "train_features", "loss", "lr")})
               + (f"); {TUNED_CONFIG.relative_to(REPO)} did not exist." if not TUNED_CONFIG.is_file() else ")."))
     else:
-        r.add(f"Base configuration: **tuned**, {base.file} (" + bench.format_point(
+        r.add(f"Base configuration: **tuned**, {base.file} (" + format_point(
             {k: v for k, v in read_config_file(base.file).items() if k != "model"}) + ").")
     r.add(f"Each variant changes one config key of the base (`fitmm config --model fitmm` lists them); "
           f"{plan.ablation_seeds} seeds each; p: paired Wilcoxon of the variant against the base on per-user test "
@@ -1070,7 +1070,7 @@ def ablation_section(r: Report, plan: Plan) -> dict[str, list]:
             if own.file is None:
                 r.add(f"Not run: the base is {d.name}'s search winner, and its search (stage b) has not finished.")
                 continue
-            r.add(f"Base: {own.file} (" + bench.format_point(
+            r.add(f"Base: {own.file} (" + format_point(
                 {k: v for k, v in read_config_file(own.file).items() if k != "model"}) + ").", "")
         rows = ablation_rows(plan, d)
         results[d.name] = rows

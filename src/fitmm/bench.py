@@ -49,7 +49,7 @@ import numpy as np
 from . import runio
 from . import search as hpsearch
 from .cli import run_config
-from .config import BASE_DEFAULTS, RESULT_NEUTRAL_KEYS, resolve
+from .config import BASE_DEFAULTS, RESULT_NEUTRAL_KEYS, format_point, format_value, resolve
 from .data import load as load_dataset
 from .errors import InputError
 from .models import model_class
@@ -180,14 +180,6 @@ def config_hash(overrides: dict[str, Any]) -> str:
 
 def cell_dir(out: str | Path, model: str, overrides: dict[str, Any], seed: int) -> Path:
     return Path(out) / "runs" / model / f"{config_hash(overrides)}-s{seed}"
-
-
-def format_value(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def format_point(point: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={format_value(v)}" for k, v in point.items()) or "defaults"
 
 
 @dataclass

@@ -14,6 +14,7 @@ has one) and a one-line meaning (`KEY_HELP`, a model's `key_help`), printed by `
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,23 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             raise InputError(f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__})") from None
     return out
+
+
+def format_value(value: Any) -> str:
+    """A config value for people to read (tables, logs): floats to 4 significant digits, mappings
+    in --set's YAML flow style. Display only: runs are named and compared by the exact values."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)  # true/false/null, ints, lists, as YAML writes them
+
+
+def format_point(point: dict[str, Any]) -> str:
+    """key=value, ... of a grid or search point; "defaults" for the empty point."""
+    return ", ".join(f"{k}={format_value(v)}" for k, v in point.items()) or "defaults"
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from typing import Any, Callable
 import yaml
 
 from . import runio
-from .config import RESULT_NEUTRAL_KEYS, model_keys, read_config_file, resolve, unknown_key_message
+from .config import RESULT_NEUTRAL_KEYS, format_point, format_value, model_keys, read_config_file, resolve, unknown_key_message
 from .data import load as load_dataset
 from .errors import InputError, quote
 from .models import model_class
@@ -441,7 +441,7 @@ def _run_search(optuna, search, dataset, out, trials, storage, is_shared, study_
             trial.set_user_attr("same_as", same[0].number)
             log(f"  trial {trial.number}: same parameters as trial {same[0].number}; not trained again")
             return same[0].value
-        log(f"  trial {trial.number} ({_format_point(point)}): {run_dir}")
+        log(f"  trial {trial.number} ({format_point(point)}): {run_dir}")
         if run_dir.exists():  # a leftover of a study whose storage was reset
             shutil.rmtree(run_dir)
         config = search.config(point)
@@ -472,18 +472,6 @@ def _run_search(optuna, search, dataset, out, trials, storage, is_shared, study_
 
 
 # -- the results ----------------------------------------------------------------------------------
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_format_value(v)}" for k, v in value.items()) + "}"
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _format_point(point: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={_format_value(v)}" for k, v in point.items()) or "defaults"
 
 
 def trial_rows(study, search: Search) -> list[dict[str, Any]]:
@@ -517,7 +505,7 @@ def trials_markdown(rows, best: int, metric: str, search: Search, importances: d
         f"- selection: best validation {metric} of each trial (its best epoch); test is never evaluated for a "
         f"trial. TPE sampler (seed {search.seed}), median pruning once {PRUNE_STARTUP_TRIALS} trials have "
         f"finished, from epoch {PRUNE_WARMUP_EPOCHS}",
-        f"- fixed with --set: {_format_point(search.fixed) if search.fixed else 'none'}",
+        f"- fixed with --set: {format_point(search.fixed) if search.fixed else 'none'}",
         f"- best: trial {best} (✓), written to best.yaml",
         "",
         "| " + " | ".join(head) + " |",
@@ -526,7 +514,7 @@ def trials_markdown(rows, best: int, metric: str, search: Search, importances: d
     for r in rows:
         value = "" if r["value"] is None else f"{r['value']:.4f}" + (" ✓" if r["number"] == best else "")
         cells = [str(r["number"]), r["state"], value, "" if r["epochs"] is None else str(r["epochs"])]
-        cells += [_format_value(r["point"][k]) if k in r["point"] else "" for k in keys]
+        cells += [format_value(r["point"][k]) if k in r["point"] else "" for k in keys]
         lines.append("| " + " | ".join(cells + [r["notes"]]) + " |")
     if importances:
         complete = sum(r["state"] == "complete" for r in rows)
@@ -587,7 +575,7 @@ def finish_search(optuna, study, search, dataset, out: Path, metric: str, log, r
     rows = trial_rows(study, search)
     values = importance(optuna, study, out / "importance.png", log)
     _write_text(out / "trials.md", trials_markdown(rows, best.number, metric, search, values))
-    log(f"  best: trial {best.number} ({_format_point(point)}), valid {metric} {best.value:.4f}; "
+    log(f"  best: trial {best.number} ({format_point(point)}), valid {metric} {best.value:.4f}; "
         f"wrote {out}/best.yaml and trials.md")
     summary = rerun(config, dataset, out / "best", log) if rerun_best else None
     return {"best": best.number, "value": best.value, "point": point, "config": config, "trials": rows,

@@ -28,8 +28,9 @@ their own way. Stages (--stages, default all; each one skips a dataset whose fol
   c. ablations: `fitmm train` per variant and seed (--ablation-seeds, default 3) around ONE base
      configuration per dataset (--ablation-base): configs/fitmm-tuned.yaml when it exists, else the
      released defaults; or, with `winner`, each dataset's own search winner (its searched keys,
-     written to OUT/tuned-<dataset>/winner.yaml once stage b's search there has finished, so one
-     dataset's ablations can start while the other's search still runs); into
+     written to OUT/tuned-<dataset>/winner.yaml once stage b has finished there, so one dataset's
+     ablations can start while the other's search still runs; the base's runs are then stage b's
+     runs of the winner, not trained twice); into
      OUT/ablations-<dataset>/<base>/<variant>/s<seed>. A variant equal to the base is the base's runs.
   d. plots: test Recall@20 against the number of bands; the singular-value energy per band and the
      gate distributions of a trained model (the ablation base's first seed, else released FITMM's);
@@ -549,15 +550,21 @@ def winner_file(plan: Plan, d: Data) -> Path:
     return tuned_dir(plan, d) / "winner.yaml"
 
 
+def winner_runs(plan: Plan, d: Data) -> dict[int, Path]:
+    """{seed: run dir} of stage b's runs of the dataset's winner, once its bench wrote its table."""
+    return {seed: run for _, _, runs in bench_table(tuned_dir(plan, d)) for seed, run in runs.items()}
+
+
 def dataset_base(plan: Plan, d: Data) -> Base:
     """The ablation base on dataset d. For "winner": the dataset's search winner, written to
     winner_file as a config file (kept in step with search/fitmm/best.yaml, so a search extended to
-    another winner gets new ablation folders, named by the winner's content); until that search has
-    finished, a base with no file and the tag "winner-pending", whose runs are all "not run"."""
+    another winner gets new ablation folders, named by the winner's content); until stage b has
+    finished there (the search and the winner's seeds, which are the base's runs), a base with no
+    file and the tag "winner-pending", whose runs are all "not run"."""
     if plan.base.kind != "winner":
         return plan.base
     point = winner_point(plan, d)
-    if point is None:
+    if point is None or not winner_runs(plan, d):
         return Base("winner", None, "winner-pending")
     path = winner_file(plan, d)
     text = (f"# FITMM's search winner on {d.name} (the searched keys of {tuned_dir(plan, d)}/search/fitmm/best.yaml)\n"
@@ -592,12 +599,19 @@ def ablation_cells(plan: Plan, d: Data, variants: list[Variant]) -> list[tuple[V
 
 def ablation_runs(plan: Plan, d: Data, variant: Variant | None, same: bool) -> list[tuple[int, Path]]:
     slug = "base" if variant is None or same else variant.slug
-    return [(s, ablation_dir(plan, d) / slug / f"s{s}") for s in range(1, plan.ablation_seeds + 1)]
+    runs = [(s, ablation_dir(plan, d) / slug / f"s{s}") for s in range(1, plan.ablation_seeds + 1)]
+    if slug == "base" and plan.base.kind == "winner":
+        # The winner's seeds from stage b are the base's runs (the same command: train_run checks
+        # it), not trained a second time.
+        tuned = winner_runs(plan, d)
+        runs = [(s, tuned.get(s, run)) for s, run in runs]
+    return runs
 
 
 def stage_c(plan: Plan, d: Data) -> None:
     if dataset_base(plan, d).tag == "winner-pending":
-        log(f"stage c: {d.name}: --ablation-base winner needs its search (stage b) finished first; skipped")
+        log(f"stage c: {d.name}: --ablation-base winner needs stage b (the search and the winner's seeds) "
+            "finished there first; skipped")
         return
     for variant, same in ablation_cells(plan, d, plan.ablations):
         if variant is not None and same:
@@ -647,19 +661,22 @@ def significance(a: Row, b: Row) -> tuple[float | None, int]:
     return bench.wilcoxon_p(x, y), len(x)
 
 
-def read_bench_rows(folder: Path) -> list[Row]:
-    """The rows of a finished `fitmm bench` folder (results.csv), re-read from their run dirs."""
+def bench_table(folder: Path) -> list[tuple[str, str, dict[int, Path]]]:
+    """(model, configuration, {seed: run dir}) of each row of a finished `fitmm bench` folder's
+    results.csv; [] before it is written."""
     path = folder / "results.csv"
     if not path.is_file():
         return []
-    rows = []
     with open(path, newline="") as handle:
-        for r in csv.DictReader(handle):
-            runs = [folder / "runs" / r["model"] / f"{r['config_hash']}-s{s}" for s in r["seeds"].split()]
-            row = make_row(r["model"], r["config"], runs)
-            if row is not None:
-                rows.append(row)
-    return rows
+        return [(r["model"], r["config"],
+                 {int(s): folder / "runs" / r["model"] / f"{r['config_hash']}-s{s}" for s in r["seeds"].split()})
+                for r in csv.DictReader(handle)]
+
+
+def read_bench_rows(folder: Path) -> list[Row]:
+    """The rows of a finished `fitmm bench` folder, re-read from their run dirs."""
+    rows = [make_row(model, config, list(runs.values())) for model, config, runs in bench_table(folder)]
+    return [row for row in rows if row is not None]
 
 
 def main_rows(plan: Plan, d: Data) -> tuple[list[Row], Row | None]:
@@ -1068,7 +1085,8 @@ def ablation_section(r: Report, plan: Plan) -> dict[str, list]:
         if base.kind == "winner":
             own = dataset_base(plan, d)
             if own.file is None:
-                r.add(f"Not run: the base is {d.name}'s search winner, and its search (stage b) has not finished.")
+                r.add(f"Not run: the base is {d.name}'s search winner, and stage b (the search and the winner's "
+                      "seeds) has not finished there.")
                 continue
             r.add(f"Base: {own.file} (" + format_point(
                 {k: v for k, v in read_config_file(own.file).items() if k != "model"}) + ").", "")
@@ -1227,6 +1245,8 @@ def commands_section(r: Report, plan: Plan) -> None:
             if variant is not None and same:
                 continue
             for seed, run_dir in ablation_runs(plan, d, variant, same):
+                if not run_dir.is_relative_to(ablation_dir(plan, d)):
+                    continue  # a stage b run, listed with stage b's command
                 all_commands.append(command_text([*ablation_argv(plan, d, variant, seed), "--out", str(run_dir)]))
     r.add("", f"<details><summary>Every command of stages a-c ({len(all_commands)})</summary>",
           *code_block(*all_commands), "</details>")

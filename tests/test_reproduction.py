@@ -20,7 +20,7 @@ pytest.importorskip("matplotlib")
 
 import fitmm.evaluate as evaluate_module  # noqa: E402
 import fitmm.plots  # noqa: E402
-from fitmm.config import read_config_file, resolve  # noqa: E402
+from fitmm.config import RESULT_NEUTRAL_KEYS, read_config_file, resolve  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduction.py"
 REPO_TUNED = Path(__file__).resolve().parents[1] / "configs" / "fitmm-tuned.yaml"
@@ -234,7 +234,7 @@ def test_a_run_folder_of_another_configuration_is_refused(quick, capsys):
 def test_winner_base_ablates_each_dataset_around_its_own_search_winner(quick, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(quick["out"], out)
-    (out / "tuned-synthetic-b" / "search" / "fitmm" / "best.yaml").unlink()  # as if its search still ran
+    (out / "tuned-synthetic-b" / "results.csv").unlink()  # as if its stage b still ran
     args = quick_args(out, "--stages", "c,e", "--ablation-base", "winner", "--ablations", "gate=off",
                       "--ablation-seeds", "1")
     assert repro.main(args) == 0
@@ -244,17 +244,24 @@ def test_winner_base_ablates_each_dataset_around_its_own_search_winner(quick, tm
     assert winner["model"] == "fitmm" and set(winner) - {"model"} <= searched
     assert {k: best[k] for k in winner if k != "model"} == {k: v for k, v in winner.items() if k != "model"}
     [base_dir] = (out / "ablations-synthetic-a").glob("winner-*")
-    for variant in ("base", "gate=off"):
-        ran = read_config_file(base_dir / variant / "s1" / "config.yaml")
-        assert all(ran[k] == v for k, v in winner.items() if k not in ("model", "gate"))
-        assert (base_dir / variant / "s1" / "summary.json").is_file()
-    assert read_config_file(base_dir / "gate=off" / "s1" / "config.yaml")["gate"] == "off"
-    # The other dataset's search has not finished: nothing ran there, and the report says why.
-    assert not list((out / "ablations-synthetic-b").glob("winner*"))
+    # The base's runs are stage b's runs of the winner, not trained again; the variant is the winner
+    # with one key changed.
+    assert not (base_dir / "base").exists() and (base_dir / "gate=off" / "s1" / "summary.json").is_file()
+    [tuned_s1] = (out / "tuned-synthetic-a" / "runs" / "fitmm").glob("*-s1")
+    ran = read_config_file(base_dir / "gate=off" / "s1" / "config.yaml")
+    neutral = lambda c: {k: v for k, v in c.items() if k not in RESULT_NEUTRAL_KEYS}  # noqa: E731
+    assert neutral(ran) == neutral({**read_config_file(tuned_s1 / "config.yaml"), "gate": "off"})
+    assert ran["gate"] != winner["gate"] and all(ran[k] == v for k, v in winner.items() if k not in ("model", "gate"))
     report = (out / "reproduction.md").read_text()
     assert "Base configuration: **each dataset's own search winner**" in report
     assert f"Base: {out / 'tuned-synthetic-a' / 'winner.yaml'} (" in report
-    assert "Not run: the base is synthetic-b's search winner, and its search (stage b) has not finished." in report
+    refs = run_lists(report)
+    base_ref = int(re.search(r"\| base \| \*\*base\*\* \| 1 \|.*\[(\d+)\] \|$", report, flags=re.M).group(1))
+    assert refs[base_ref] == [tuned_s1]
+    # The other dataset's stage b has not finished: nothing ran there, and the report says why.
+    assert not list((out / "ablations-synthetic-b").glob("winner*"))
+    assert ("Not run: the base is synthetic-b's search winner, and stage b (the search and the winner's seeds) "
+            "has not finished there.") in report
 
 
 # -- the verdict rule and a report without runs ---------------------------------------------------

@@ -567,7 +567,8 @@ def dataset_base(plan: Plan, d: Data) -> Base:
     if point is None or not winner_runs(plan, d):
         return Base("winner", None, "winner-pending")
     path = winner_file(plan, d)
-    text = (f"# FITMM's search winner on {d.name} (the searched keys of {tuned_dir(plan, d)}/search/fitmm/best.yaml)\n"
+    text = (f"# FITMM's search winner on {d.name} (the searched keys of "
+            f"{tuned_dir(plan, d)}/search/fitmm/best.yaml)\n"
             + yaml.safe_dump({"model": "fitmm", **point}, sort_keys=False))
     if not path.is_file() or path.read_text() != text:
         runio.atomic_write(path, lambda h: h.write(text.encode()))
@@ -1054,8 +1055,8 @@ def ablation_section(r: Report, plan: Plan) -> dict[str, list]:
     elif base.file is None:
         r.add("Base configuration: **the released defaults** (FITMM's defaults: "
               + format_point({k: v for k, v in model_class("fitmm").defaults.items()
-                                    if k in ("num_bands", "gate", "ib_weight", "ib_phi", "consistency", "cl_weight",
-                                             "item_graph", "user_graph", "train_features", "loss", "lr")})
+                              if k in ("num_bands", "gate", "ib_weight", "ib_phi", "consistency", "cl_weight",
+                                       "item_graph", "user_graph", "train_features", "loss", "lr")})
               + (f"); {TUNED_CONFIG.relative_to(REPO)} did not exist." if not TUNED_CONFIG.is_file() else ")."))
     else:
         r.add(f"Base configuration: **tuned**, {base.file} (" + format_point(

@@ -52,7 +52,8 @@ from typing import Any, Callable
 import yaml
 
 from . import runio
-from .config import RESULT_NEUTRAL_KEYS, format_point, format_value, model_keys, read_config_file, resolve, unknown_key_message
+from .config import (RESULT_NEUTRAL_KEYS, format_point, format_value, model_keys, read_config_file, resolve,
+                     unknown_key_message)
 from .data import load as load_dataset
 from .errors import InputError, quote
 from .models import model_class

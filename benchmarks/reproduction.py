@@ -218,6 +218,11 @@ class Base:
     file: Path | None
     tag: str  # its folder name under OUT/ablations-<dataset>/; for "winner" see dataset_base
 
+    @property
+    def pending(self) -> bool:
+        """A dataset's own winner not known yet (its stage b has not finished)."""
+        return self.kind == "winner" and self.file is None
+
 
 @dataclass
 class Plan:
@@ -610,7 +615,7 @@ def ablation_runs(plan: Plan, d: Data, variant: Variant | None, same: bool) -> l
 
 
 def stage_c(plan: Plan, d: Data) -> None:
-    if dataset_base(plan, d).tag == "winner-pending":
+    if dataset_base(plan, d).pending:
         log(f"stage c: {d.name}: --ablation-base winner needs stage b (the search and the winner's seeds) "
             "finished there first; skipped")
         return
@@ -1085,7 +1090,7 @@ def ablation_section(r: Report, plan: Plan) -> dict[str, list]:
             continue
         if base.kind == "winner":
             own = dataset_base(plan, d)
-            if own.file is None:
+            if own.pending:
                 r.add(f"Not run: the base is {d.name}'s search winner, and stage b (the search and the winner's "
                       "seeds) has not finished there.")
                 continue
@@ -1240,13 +1245,14 @@ def commands_section(r: Report, plan: Plan) -> None:
                 if cross.runs[source.name, target.name] is not None:
                     all_commands.append(command_text(cross.argv(plan, source.name, target)))
     for d in plan.present():
-        if dataset_base(plan, d).tag == "winner-pending":
+        if dataset_base(plan, d).pending:
             continue  # its base is not known yet
+        folder = ablation_dir(plan, d)
         for variant, same in ablation_cells(plan, d, plan.ablations):
             if variant is not None and same:
                 continue
             for seed, run_dir in ablation_runs(plan, d, variant, same):
-                if not run_dir.is_relative_to(ablation_dir(plan, d)):
+                if not run_dir.is_relative_to(folder):
                     continue  # a stage b run, listed with stage b's command
                 all_commands.append(command_text([*ablation_argv(plan, d, variant, seed), "--out", str(run_dir)]))
     r.add("", f"<details><summary>Every command of stages a-c ({len(all_commands)})</summary>",

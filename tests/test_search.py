@@ -145,6 +145,24 @@ def test_a_killed_trial_left_running_is_failed_and_rerun(tmp_path, tiny):
     assert study.trials[2].user_attrs["retry_of"] == 1
 
 
+def test_a_search_folder_carried_to_another_machine_recovers_its_running_trial(tmp_path, tiny):
+    """A trial left RUNNING by a process on another machine (or at another path) of the same folder:
+    the folder's own study.db holds only this folder's trials, so it is failed and re-run here."""
+    out = tmp_path / "search"
+    space = write(tmp_path / "space.yaml", BPR_SPACE)
+    args = ["search", "--model", "bpr", "--data", "synthetic", "--out", str(out), "--space", str(space), *tiny]
+    assert main([*args, "--trials", "1"]) == 0
+    storage = f"sqlite:///{out / 'study.db'}"
+    study = load_study(storage, "bpr-synthetic")
+    left = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
+    left.set_user_attr("owner", "another-machine:/elsewhere/search")
+    assert main([*args, "--trials", "2"]) == 0
+    study = load_study(storage, "bpr-synthetic")
+    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert study.trials[1].user_attrs["interrupted"] is True
+    assert study.trials[2].user_attrs["retry_of"] == 1
+
+
 # -- several processes on one storage -----------------------------------------------------------
 
 

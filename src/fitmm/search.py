@@ -339,22 +339,24 @@ def _attrs(trial) -> dict[str, Any]:
 
 def recover_interrupted(study, storage, owner: str, is_shared: bool, log) -> int:
     """Mark this folder's trials still RUNNING as failed (their process is gone: this one holds the
-    folder's lock; in the folder's own study.db every trial is this folder's), and queue the
-    parameters of every interrupted trial of this folder that has not been re-run yet. Returns the
-    number queued."""
+    folder's lock), and queue the parameters of every interrupted trial of this folder that has not
+    been re-run yet. Returns the number queued. In the folder's own study.db every trial is this
+    folder's, whatever owner it recorded: the folder may have been copied to another machine or
+    path since (a search carried on elsewhere), which changes `owner` but not whose trials they are."""
     from optuna.trial import TrialState
 
+    def mine(t) -> bool:
+        return not is_shared or _attrs(t).get("owner") == owner
+
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _attrs(t).get("owner", None if is_shared else owner) == owner:
+        if mine(t):
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
     retried = {_attrs(t).get("retry_of") for t in trials}
     queued = 0
     for t in trials:
-        a = _attrs(t)
-        mine = a.get("owner", None if is_shared else owner) == owner
-        if t.state == TrialState.FAIL and a.get("interrupted") and mine and t.number not in retried:
+        if t.state == TrialState.FAIL and _attrs(t).get("interrupted") and mine(t) and t.number not in retried:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
             queued += 1
             log(f"  trial {t.number} was interrupted: its parameters run again first")

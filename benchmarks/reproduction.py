@@ -47,6 +47,15 @@ is lower and p < alpha (for the baselines: when ANY baseline is significantly hi
 when it is worse on any dataset, or better on none; unclear otherwise (mixed, or a dataset missing);
 not run without evidence. p-values are not corrected for the number of comparisons.
 
+Run records: the default OUT, benchmarks/results/reproduction/, is committed to the repository
+without its checkpoints (*.pt), hidden files and curve images (.gitignore): configs, summaries,
+per-epoch logs, per-user test metrics, the search studies and the bench tables. So anyone can re-make
+the report from a clone (--stages e) and check each number against its run, and a pipeline that a
+change of machine interrupted goes on from what was committed: finished runs are kept, a search
+resumes from its study.db, an unfinished run starts again (its checkpoint was not kept). Stage d's
+spectrum plot needs a trained model's best.pt: where it is absent, the plot already in --img-dir
+stays and a message says so.
+
 For a 2-core machine: pass --set threads=1 and run two copies at once on different --datasets with
 the same --out (their folders are disjoint), then one `--stages b,d,e` over both datasets for the
 cross-dataset check and the report.
@@ -80,6 +89,7 @@ from fitmm.models import model_class
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO.parent / "shared" / "data"
 TUNED_CONFIG = REPO / "configs" / "fitmm-tuned.yaml"
+RECORDS = REPO / "benchmarks" / "results" / "reproduction"  # the runs' committed records (module docstring)
 DEFAULT_DATASETS = ["ml100k_mm", "tiktok_mmssl"]
 BASELINES = [m for m in bench.DEFAULT_MODELS if m != "fitmm"]
 METRIC = bench.SIGNIFICANCE_METRIC  # recall@20: the metric of the tests and the verdicts
@@ -874,6 +884,21 @@ def diagnostics_run(plan: Plan, d: Data) -> Path | None:
     return released[0].runs[0] if released else None
 
 
+def diagnostics_path(plan: Plan, d: Data) -> Path:
+    return plan.out / f"diagnostics-{d.name}.json"
+
+
+def diagnostics_summary(run: str, diag: dict[str, Any]) -> dict[str, Any]:
+    """What the report's spectrum table shows of FITMM.diagnostics(), kept in OUT (committed, unlike
+    the checkpoint it came from) so the report can be re-made from a clone. `run`: relative to OUT."""
+    sides = {}
+    for side in ("user", "item"):
+        gates = diag["gates"][side]
+        sides[side] = {"energy": diag["band_energy"][side].tolist(), "gate_mean": gates.mean(0).tolist(),
+                       "gate_std": gates.std(0).tolist(), "band_weights": diag["band_weights"][side].tolist()}
+    return {"run": str(run), "modalities": list(diag["modalities"]), "sides": sides}
+
+
 def stage_d(plan: Plan) -> None:
     plt = pyplot()
     if plt is None:
@@ -896,9 +921,13 @@ def stage_d(plan: Plan) -> None:
         save_figure(fig, bands_plot_path(plan))
     for d in plan.present():
         run = diagnostics_run(plan, d)
-        if run is not None:
-            model = fitmm.load(run).model
-            save_figure(band_diagnostics_figure(model.diagnostics(), f"{d.name}: {run}"), spectrum_plot_path(plan, d))
+        if run is not None and not (run / "best.pt").is_file():
+            log(f"stage d: {d.name}: {run} has no best.pt (checkpoints are not committed): its spectrum plot "
+                f"{spectrum_plot_path(plan, d)} is left as it is")
+        elif run is not None:
+            diag = fitmm.load(run).model.diagnostics()
+            save_figure(band_diagnostics_figure(diag, f"{d.name}: {run}"), spectrum_plot_path(plan, d))
+            runio.write_json(diagnostics_path(plan, d), diagnostics_summary(os.path.relpath(run, plan.out), diag))
         rows, _ = main_rows(plan, d)
         if rows:
             bench.plot_bench([{"model": r.label, "mean": r.mean, "std": r.std} for r in rows], main_plot_path(plan, d),
@@ -1136,22 +1165,20 @@ def plots_section(r: Report, plan: Plan) -> None:
         run = diagnostics_run(plan, d)
         path = spectrum_plot_path(plan, d)
         r.add("", f"### {d.name}: what a trained model learned", "")
-        if run is None or not path.is_file():
+        summary = diagnostics_path(plan, d)
+        diag = json.loads(summary.read_text()) if summary.is_file() else None
+        if run is None or not path.is_file() or diag is None or diag["run"] != os.path.relpath(run, plan.out):
             r.add("Not run (needs a trained FITMM run from stage c or a and stage d).")
             continue
-        import fitmm
-
-        diag = fitmm.load(run).model.diagnostics()
-        r.add(f"Model: {run} (FITMM.diagnostics() of its best checkpoint). Energy: each band's share of the "
-              "squared singular values of each modality chunk of the base view (band 1 holds the largest); gates: "
-              "g_b over all users / items; w_b: learned band weights.", "",
+        r.add(f"Model: {run} (FITMM.diagnostics() of its best checkpoint, kept in {summary}). Energy: each band's "
+              "share of the squared singular values of each modality chunk of the base view (band 1 holds the "
+              "largest); gates: g_b over all users / items; w_b: learned band weights.", "",
               "| side | band | energy share (" + ", ".join(diag["modalities"]) + ") | gate mean ± std | w_b |",
               "|---|---|---|---|---|")
-        for side in ("user", "item"):
-            energy, gates, weights = diag["band_energy"][side], diag["gates"][side], diag["band_weights"][side]
-            for b in range(energy.shape[1]):
-                r.add(f"| {side} | {b + 1} | {', '.join(f'{e:.3f}' for e in energy[:, b])} | "
-                      f"{gates[:, b].mean():.3f} ± {gates[:, b].std():.3f} | {weights[b]:.3f} |")
+        for side, numbers_of in diag["sides"].items():
+            for b, weight in enumerate(numbers_of["band_weights"]):
+                r.add(f"| {side} | {b + 1} | {', '.join(f'{chunk[b]:.3f}' for chunk in numbers_of['energy'])} | "
+                      f"{numbers_of['gate_mean'][b]:.3f} ± {numbers_of['gate_std'][b]:.3f} | {weight:.3f} |")
         r.add("", f"![{d.name}: band energy, gates, band weights]({r.link(path)})")
 
 
@@ -1306,7 +1333,8 @@ def make_plan(argv: list[str]) -> Plan:
                    "released) | released | tuned | winner (each dataset's own search winner) | FILE.yaml")
     p.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="passed to every fitmm command, e.g. --set threads=1")
-    p.add_argument("--out", help="folder of every run (default runs/reproduction; --quick: runs/reproduction-quick)")
+    p.add_argument("--out", help=f"folder of every run (default {os.path.relpath(RECORDS)}, committed; --quick: "
+                   "runs/reproduction-quick)")
     p.add_argument("--report", help="the report (default docs/reproduction.md; --quick: OUT/reproduction.md)")
     p.add_argument("--img-dir", help="its plots (default docs/img; --quick: OUT/img)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the verdicts (default 0.05)")
@@ -1338,7 +1366,7 @@ def make_plan(argv: list[str]) -> Plan:
         model_class(m)
     if "fitmm" in models:
         raise InputError("--models: list the baselines only; FITMM is always in the table")
-    out = Path(args.out or ("runs/reproduction-quick" if args.quick else "runs/reproduction"))
+    out = Path(args.out or ("runs/reproduction-quick" if args.quick else os.path.relpath(RECORDS)))
     sets = [*(QUICK["sets"] if args.quick else []), *args.set]
     parse_set(sets)  # a malformed --set is refused before anything runs
     return Plan(

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,8 +23,9 @@ import fitmm.evaluate as evaluate_module  # noqa: E402
 import fitmm.plots  # noqa: E402
 from fitmm.config import RESULT_NEUTRAL_KEYS, read_config_file, resolve  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduction.py"
-REPO_TUNED = Path(__file__).resolve().parents[1] / "configs" / "fitmm-tuned.yaml"
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "reproduction.py"
+REPO_TUNED = REPO / "configs" / "fitmm-tuned.yaml"
 VERDICTS = {"supported", "not supported", "unclear", "not run"}
 RUN_FILES = ("summary.json", "log.jsonl", "best.pt", "last.pt")
 
@@ -187,6 +189,45 @@ def test_second_invocation_trains_and_evaluates_nothing(quick):
     assert quick["second"] == []  # not one ranking evaluation: nothing trained, nothing re-evaluated
     assert run_files(quick["out"]) == quick["files"]  # every result and checkpoint file untouched
     assert quick["again"] == quick["report"]  # the same report, from the same runs
+
+
+def committed_part(out: Path, tmp_path: Path) -> Path:
+    """A copy of `out` holding only what the repository's .gitignore lets be committed of the run
+    records (benchmarks/results/reproduction/): what a clone of them has."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("needs git and a git checkout to read .gitignore's rules")
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    records = "benchmarks/results/reproduction/"
+    checked = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", "--stdin"],
+                             input="\n".join(records + f for f in files), capture_output=True, text=True)
+    assert checked.returncode in (0, 1), checked.stderr
+    ignored = {line[len(records):] for line in checked.stdout.splitlines()}
+    clone = tmp_path / "clone"
+    for name in files:
+        if name not in ignored:
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(out / name, clone / name)
+    return clone
+
+
+def test_committed_records_alone_remake_the_report_and_train_nothing(quick, tmp_path, capsys):
+    """What .gitignore keeps of the records (no checkpoints, locks, curve images or trials'
+    per-user metrics): the whole pipeline run on them trains nothing and writes the same report;
+    the spectrum plots, which need a checkpoint, are left as they were."""
+    clone = committed_part(quick["out"], tmp_path)
+    assert not list(clone.rglob("*.pt")) and not list(clone.rglob(".lock")) and list(clone.rglob("per_user.npz"))
+    assert not list(clone.rglob("trials/*/per_user.npz")) and list(clone.rglob("study.db"))
+    spectra = {p.name: p.read_bytes() for p in (quick["out"] / "img").glob("reproduction-spectrum-*.png")}
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate_module, "rank_splits", lambda *a, **k: calls.append(a) or {})
+        assert repro.main(quick_args(clone)) == 0
+    assert calls == []  # nothing trained, nothing evaluated
+    expected = quick["report"].replace(str(quick["out"]), str(clone))
+    expected = expected.replace(str(quick["out"].parent / "cache"), str(clone.parent / "cache"))  # quick_args'
+    assert (clone / "reproduction.md").read_text() == expected
+    assert {p.name: p.read_bytes() for p in (clone / "img").glob("reproduction-spectrum-*.png")} == spectra
+    assert "has no best.pt (checkpoints are not committed)" in capsys.readouterr().err
 
 
 def test_shared_configuration_is_proposed_with_evidence_not_shipped(quick):

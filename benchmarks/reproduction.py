@@ -896,7 +896,7 @@ def diagnostics_summary(run: str, diag: dict[str, Any]) -> dict[str, Any]:
         gates = diag["gates"][side]
         sides[side] = {"energy": diag["band_energy"][side].tolist(), "gate_mean": gates.mean(0).tolist(),
                        "gate_std": gates.std(0).tolist(), "band_weights": diag["band_weights"][side].tolist()}
-    return {"run": str(run), "modalities": list(diag["modalities"]), "sides": sides}
+    return {"run": run, "modalities": list(diag["modalities"]), "sides": sides}
 
 
 def stage_d(plan: Plan) -> None:
@@ -1175,10 +1175,10 @@ def plots_section(r: Report, plan: Plan) -> None:
               "largest); gates: g_b over all users / items; w_b: learned band weights.", "",
               "| side | band | energy share (" + ", ".join(diag["modalities"]) + ") | gate mean ± std | w_b |",
               "|---|---|---|---|---|")
-        for side, numbers_of in diag["sides"].items():
-            for b, weight in enumerate(numbers_of["band_weights"]):
-                r.add(f"| {side} | {b + 1} | {', '.join(f'{chunk[b]:.3f}' for chunk in numbers_of['energy'])} | "
-                      f"{numbers_of['gate_mean'][b]:.3f} ± {numbers_of['gate_std'][b]:.3f} | {weight:.3f} |")
+        for side, shown in diag["sides"].items():
+            for b, weight in enumerate(shown["band_weights"]):
+                r.add(f"| {side} | {b + 1} | {', '.join(f'{chunk[b]:.3f}' for chunk in shown['energy'])} | "
+                      f"{shown['gate_mean'][b]:.3f} ± {shown['gate_std'][b]:.3f} | {weight:.3f} |")
         r.add("", f"![{d.name}: band energy, gates, band weights]({r.link(path)})")
 
 

@@ -128,26 +128,12 @@ def test_interrupted_search_resumes_to_n_trials_never_evaluates_test_and_writes_
     assert evaluations == [] and len(load_study(storage, "bpr-synthetic").trials) == 4
 
 
-def test_a_killed_trial_left_running_is_failed_and_rerun(tmp_path, tiny):
+@pytest.mark.parametrize("owner", [None, "another-machine:/elsewhere/search"])
+def test_a_killed_trial_left_running_is_failed_and_rerun(tmp_path, tiny, owner):
     """A process killed outright leaves its trial RUNNING in the study; the next run of the same
-    folder (which holds the folder's lock, so that process is gone) fails and re-runs it."""
-    out = tmp_path / "search"
-    space = write(tmp_path / "space.yaml", BPR_SPACE)
-    args = ["search", "--model", "bpr", "--data", "synthetic", "--out", str(out), "--space", str(space), *tiny]
-    assert main([*args, "--trials", "1"]) == 0
-    storage = f"sqlite:///{out / 'study.db'}"
-    study = load_study(storage, "bpr-synthetic")
-    # Left RUNNING before it even recorded its owner (in the folder's own study.db it is this folder's).
-    study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
-    assert main([*args, "--trials", "2"]) == 0
-    study = load_study(storage, "bpr-synthetic")
-    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE"]
-    assert study.trials[2].user_attrs["retry_of"] == 1
-
-
-def test_a_search_folder_carried_to_another_machine_recovers_its_running_trial(tmp_path, tiny):
-    """A trial left RUNNING by a process on another machine (or at another path) of the same folder:
-    the folder's own study.db holds only this folder's trials, so it is failed and re-run here."""
+    folder (which holds the folder's lock, so that process is gone) fails and re-runs it. In the
+    folder's own study.db every trial is this folder's: one left before it recorded its owner (None),
+    and one left by a process on another machine or at another path (the folder carried there)."""
     out = tmp_path / "search"
     space = write(tmp_path / "space.yaml", BPR_SPACE)
     args = ["search", "--model", "bpr", "--data", "synthetic", "--out", str(out), "--space", str(space), *tiny]
@@ -155,7 +141,8 @@ def test_a_search_folder_carried_to_another_machine_recovers_its_running_trial(t
     storage = f"sqlite:///{out / 'study.db'}"
     study = load_study(storage, "bpr-synthetic")
     left = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
-    left.set_user_attr("owner", "another-machine:/elsewhere/search")
+    if owner is not None:
+        left.set_user_attr("owner", owner)
     assert main([*args, "--trials", "2"]) == 0
     study = load_study(storage, "bpr-synthetic")
     assert states(study) == ["COMPLETE", "FAIL", "COMPLETE"]

@@ -54,9 +54,10 @@ the report from a clone (--stages e) and check each number against its run, and 
 change of machine interrupted goes on from what was committed: finished runs are kept, a search
 resumes from its study.db, an unfinished run starts again (its checkpoint was not kept). Stage d's
 spectrum plot needs a trained model's best.pt: where it is absent, the plot already in --img-dir
-stays and a message says so. To stop part-way and carry on elsewhere: interrupt it (Ctrl-C, or
-SIGINT to each process: a search's running trial is marked interrupted and runs first next time),
-commit benchmarks/results/, and run the same commands from the clone.
+stays and a message says so. To stop part-way and carry on elsewhere: stop it (Ctrl-C; a copy
+started in the background by a script ignores SIGINT, so send it SIGTERM), commit
+benchmarks/results/, and run the same commands from the clone: the run it was training starts
+again, and a search trial it was running is failed and its parameters run first.
 
 For a 2-core machine: pass --set threads=1 and run two copies at once on different --datasets with
 the same --out (their folders are disjoint), then one `--stages b,d,e` over both datasets for the

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -247,6 +248,9 @@ def test_pruning_reports_the_validation_metric_and_stops_below_the_median():
         search.Pruning(optuna, bad, "recall@20").on_evaluation(1, {"valid": {"recall@20": 0.1}})
     assert bad.user_attrs["pruned_at"] == 1
     assert good.storage.get_trial(good._trial_id).intermediate_values == {1: 0.6}
+    study.tell(bad, state=optuna.trial.TrialState.PRUNED)
+    rows = {r["number"]: r for r in search.trial_rows(study, SimpleNamespace(space={}))}
+    assert rows[bad.number]["state"] == "pruned" and rows[bad.number]["epochs"] == 1  # trials.md's epochs column
 
 
 # -- bad input -----------------------------------------------------------------------------------

@@ -686,10 +686,20 @@ def bench_table(folder: Path) -> list[tuple[str, str, dict[int, Path]]]:
     path = folder / "results.csv"
     if not path.is_file():
         return []
+    table = []
     with open(path, newline="") as handle:
-        return [(r["model"], r["config"],
-                 {int(s): folder / "runs" / r["model"] / f"{r['config_hash']}-s{s}" for s in r["seeds"].split()})
-                for r in csv.DictReader(handle)]
+        reader = csv.DictReader(handle)
+        for r in reader:
+            try:
+                seeds = [int(s) for s in r["seeds"].split()]
+                table.append((r["model"], r["config"],
+                              {s: folder / "runs" / r["model"] / f"{r['config_hash']}-s{s}" for s in seeds}))
+            except (KeyError, ValueError, AttributeError) as exc:  # a missing column, a bad seed, a short row
+                raise InputError(
+                    f"{path}, line {reader.line_num}: not a row as `fitmm bench` writes it (columns model, config, "
+                    f"config_hash and space-separated integer seeds; {type(exc).__name__}: {exc}); re-run that "
+                    "bench's command to rewrite the file from its runs") from None
+    return table
 
 
 def read_bench_rows(folder: Path) -> list[Row]:

@@ -334,6 +334,18 @@ def test_report_before_anything_ran_marks_every_claim_not_run(tmp_path):
     assert not [p for p in out.rglob("summary.json")]
 
 
+def test_a_hand_edited_bench_table_is_refused_naming_its_file_and_line(tmp_path, capsys):
+    out = tmp_path / "edited"
+    (out / "bench-synthetic-a").mkdir(parents=True)
+    (out / "bench-synthetic-a" / "results.csv").write_text(
+        "model,config,config_hash,seeds\nvbpr,reg_weight=1.0,ab12,1 2\npop,defaults,cd34,1 two\n")
+    assert repro.main(quick_args(out, "--stages", "e")) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'bench-synthetic-a' / 'results.csv'}, line 3: not a row as `fitmm bench` writes it" in err
+    assert "invalid literal for int() with base 10: 'two'" in err and "re-run that bench's command" in err
+    assert not (out / "reproduction.md").exists()  # nothing half-written
+
+
 def test_absent_datasets_are_skipped_cleanly(tmp_path):
     out = tmp_path / "real"
     args = ["--datasets", "ml100k_mm", "--data-root", str(tmp_path / "nowhere"), "--out", str(out),

@@ -10,10 +10,10 @@ import fitmm.models.smore  # noqa: F401  (registers 'smore')
 from fitmm.cli import main
 from fitmm.config import resolve
 from fitmm.data import synthetic
-from fitmm.data.sampling import TrainSampler
 from fitmm.errors import InputError
 from fitmm.models import model_class
 from fitmm.models.smore import all_pass, spectral_filter, spectral_fusion
+from tiny import build, first_batch
 
 
 def small(feature_dims=None):
@@ -22,16 +22,13 @@ def small(feature_dims=None):
 
 
 def make(name, tmp_path, dataset=None, **overrides):
-    config = resolve([("test", {"model": name, "cache_dir": str(tmp_path / "cache"), **overrides})])
+    """Model `name` on the small synthetic set (or `dataset`), its kNN graphs cached under tmp_path."""
     dataset = dataset or small()
-    cls = model_class(name)
-    cls.check(dataset, config)
-    torch.manual_seed(0)
-    return cls(dataset, config), dataset
+    return build(name, dataset, **{"cache_dir": str(tmp_path / "cache"), **overrides}), dataset
 
 
-def batch_of(dataset, size=256):
-    return next(TrainSampler(dataset.train, seed=0).batches(size))
+def batch_of(dataset):
+    return first_batch(dataset, size=256)
 
 
 # -- SMORE's frequency-domain filter ----------------------------------------------------------

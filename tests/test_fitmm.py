@@ -8,24 +8,19 @@ import torch
 
 from conftest import small_args, small_dataset
 from fitmm.cli import main
-from fitmm.config import resolve
-from fitmm.data.sampling import TrainSampler
 from fitmm.errors import InputError
-from fitmm.models import model_class
-from fitmm.models.fitmm import FITMM
 from fitmm.train import train_step
+from tiny import build, first_batch
 
 
 def make(tmp_path, dataset=None, **overrides):
-    config = resolve([("test", {"cache_dir": str(tmp_path / "cache"), **overrides})])
+    """FITMM on the small synthetic set (or `dataset`), its kNN graphs cached under tmp_path."""
     dataset = dataset or small_dataset()
-    FITMM.check(dataset, config)
-    torch.manual_seed(0)
-    return FITMM(dataset, config), dataset
+    return build("fitmm", dataset, **{"cache_dir": str(tmp_path / "cache"), **overrides}), dataset
 
 
-def batch_of(dataset, size=256):
-    return next(TrainSampler(dataset.train, seed=0).batches(size))
+def batch_of(dataset):
+    return first_batch(dataset, size=256)
 
 
 def one_step(model, ds):

@@ -72,6 +72,7 @@ import csv
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -690,11 +691,15 @@ def bench_table(folder: Path) -> list[tuple[str, str, dict[int, Path]]]:
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         for r in reader:
-            try:
+            try:  # a missing column, a bad value or a short row is refused below
                 seeds = [int(s) for s in r["seeds"].split()]
+                # model and config_hash name run folders: only a known model and bench's hex hash, never a path
+                model_class(r["model"])
+                if not re.fullmatch(r"[0-9a-f]{10}", r["config_hash"] or ""):
+                    raise ValueError(f"config_hash {r['config_hash']!r} is not 10 hex digits")
                 table.append((r["model"], r["config"],
                               {s: folder / "runs" / r["model"] / f"{r['config_hash']}-s{s}" for s in seeds}))
-            except (KeyError, ValueError, AttributeError) as exc:  # a missing column, a bad seed, a short row
+            except (KeyError, ValueError, AttributeError, InputError) as exc:
                 raise InputError(
                     f"{path}, line {reader.line_num}: not a row as `fitmm bench` writes it (columns model, config, "
                     f"config_hash and space-separated integer seeds; {type(exc).__name__}: {exc}); re-run that "

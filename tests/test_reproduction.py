@@ -334,15 +334,20 @@ def test_report_before_anything_ran_marks_every_claim_not_run(tmp_path):
     assert not [p for p in out.rglob("summary.json")]
 
 
-def test_a_hand_edited_bench_table_is_refused_naming_its_file_and_line(tmp_path, capsys):
+@pytest.mark.parametrize("bad_row, reason", [
+    ("pop,defaults,cd34cd34cd,1 two", "invalid literal for int() with base 10: 'two'"),
+    ("../../elsewhere,defaults,cd34cd34cd,1", "unknown model '../../elsewhere'"),
+    ("pop,defaults,../../x,1", "config_hash '../../x' is not 10 hex digits"),
+])
+def test_a_hand_edited_bench_table_is_refused_naming_its_file_and_line(tmp_path, capsys, bad_row, reason):
     out = tmp_path / "edited"
     (out / "bench-synthetic-a").mkdir(parents=True)
     (out / "bench-synthetic-a" / "results.csv").write_text(
-        "model,config,config_hash,seeds\nvbpr,reg_weight=1.0,ab12,1 2\npop,defaults,cd34,1 two\n")
+        f"model,config,config_hash,seeds\nvbpr,reg_weight=1.0,ab12ab12ab,1 2\n{bad_row}\n")
     assert repro.main(quick_args(out, "--stages", "e")) == 2
     err = capsys.readouterr().err
     assert f"{out / 'bench-synthetic-a' / 'results.csv'}, line 3: not a row as `fitmm bench` writes it" in err
-    assert "invalid literal for int() with base 10: 'two'" in err and "re-run that bench's command" in err
+    assert reason in err and "re-run that bench's command" in err
     assert not (out / "reproduction.md").exists()  # nothing half-written
 
 

@@ -493,8 +493,8 @@ def trial_rows(study, search: Search) -> list[dict[str, Any]]:
         if a.get("interrupted"):
             notes.append("interrupted")
         rows.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
-                     # a pruned trial ran until the epoch it was pruned at
-                     "point": point_of(t.params, search.space), "epochs": a.get("epochs", a.get("pruned_at")),
+                     "point": point_of(t.params, search.space),
+                     "epochs": a.get("epochs", a.get("pruned_at")),  # a pruned trial ran until it was pruned
                      "run": a.get("run"), "same_as": a.get("same_as"), "notes": "; ".join(notes)})
     return rows
 

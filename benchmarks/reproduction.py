@@ -331,13 +331,16 @@ _COMMIT: str | None = None
 
 
 def commit() -> str:
-    """The git commit the runs are made at ("+dirty" when tracked files differ from it)."""
+    """The git commit the runs are made at ("+dirty" when tracked files differ from it). The run records
+    under benchmarks/results/ are left out of that check: they change as runs finish, and the marker is
+    about the code that made them."""
     global _COMMIT
     if _COMMIT is None:
         try:
             head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                   text=True, check=True).stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no",
+                                    "--", ".", ":(exclude)benchmarks/results"],
                                    capture_output=True, text=True, check=True).stdout.strip()
             _COMMIT = head + ("+dirty" if dirty else "")
         except (OSError, subprocess.CalledProcessError):

@@ -45,7 +45,8 @@ mean with the component (or FITMM against EVERY baseline) is higher and p < alph
 is lower and p < alpha (for the baselines: when ANY baseline is significantly higher), otherwise
 "no significant difference". A claim is supported when it is better on every dataset; not supported
 when it is worse on any dataset, or better on none; unclear otherwise (mixed, or a dataset missing);
-not run without evidence. p-values are not corrected for the number of comparisons.
+not run without evidence. p-values are not corrected for the number of comparisons, and the test's unit
+is the user, not the seed: a small p with a difference below the seed-to-seed std is weak evidence.
 
 Run records: the default OUT, benchmarks/results/reproduction/, is committed to the repository
 without its checkpoints (*.pt), hidden files and curve images (.gitignore): configs, summaries,
@@ -1217,7 +1218,10 @@ def verdict_section(r: Report, plan: Plan, main: dict[str, dict], ablations: dic
           "*worse* when any baseline is significantly above it. A claim is **supported** when better on every "
           f"dataset ({', '.join(names)}), **not supported** when worse on any dataset or better on none, "
           "**unclear** otherwise (mixed, or a dataset without evidence), **not run** without any evidence. "
-          "p-values are not corrected for the number of comparisons.", "", "| claim (abstract) | verdict | evidence |",
+          "p-values are not corrected for the number of comparisons. The test's unit is the user (each user's value "
+          "averaged over the seeds first): a small p says the difference holds across users for these seeds, not "
+          "that other seeds would repeat it, so where |Δ| is smaller than the seed-to-seed std in the tables below, "
+          "read the verdict as weak.", "", "| claim (abstract) | verdict | evidence |",
           "|---|---|---|")
     for claim in CLAIMS:
         outcomes, evidence = {}, []

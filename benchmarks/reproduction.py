@@ -699,10 +699,10 @@ def bench_table(folder: Path) -> list[tuple[str, str, dict[int, Path]]]:
                 seeds = [int(s) for s in r["seeds"].split()]
                 # model and config_hash name run folders: only a known model and bench's hex hash, never a path
                 model_class(r["model"])
-                if not re.fullmatch(r"[0-9a-f]{10}", r["config_hash"] or ""):
-                    raise ValueError(f"config_hash {r['config_hash']!r} is not 10 hex digits")
+                if not re.fullmatch(f"[0-9a-f]{{{bench.HASH_DIGITS}}}", r["config_hash"] or ""):
+                    raise ValueError(f"config_hash {r['config_hash']!r} is not {bench.HASH_DIGITS} hex digits")
                 table.append((r["model"], r["config"],
-                              {s: folder / "runs" / r["model"] / f"{r['config_hash']}-s{s}" for s in seeds}))
+                              {s: bench.hashed_cell_dir(folder, r["model"], r["config_hash"], s) for s in seeds}))
             except (KeyError, ValueError, AttributeError, InputError) as exc:
                 raise InputError(
                     f"{path}, line {reader.line_num}: not a row as `fitmm bench` writes it (columns model, config, "

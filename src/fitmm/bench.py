@@ -173,13 +173,21 @@ def cell_overrides(config: dict[str, Any], shared: dict[str, Any], point: dict[s
     }
 
 
+HASH_DIGITS = 10  # a configuration's name in run folders and results.csv: this many hex digits of its sha256
+
+
 def config_hash(overrides: dict[str, Any]) -> str:
     text = json.dumps(overrides, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_DIGITS]
 
 
 def cell_dir(out: str | Path, model: str, overrides: dict[str, Any], seed: int) -> Path:
-    return Path(out) / "runs" / model / f"{config_hash(overrides)}-s{seed}"
+    return hashed_cell_dir(out, model, config_hash(overrides), seed)
+
+
+def hashed_cell_dir(out: str | Path, model: str, hashed: str, seed: int) -> Path:
+    """The run folder of a cell named by its configuration's hash (as results.csv lists it)."""
+    return Path(out) / "runs" / model / f"{hashed}-s{seed}"
 
 
 @dataclass
@@ -609,7 +617,7 @@ def run_bench(
 
 
 __all__ = [
-    "DEFAULT_MODELS", "METRICS", "aggregate", "cell_dir", "cell_overrides", "config_hash", "grid_points",
-    "model_config", "parse_models", "parse_seeds", "paired", "per_user_mean", "plan_bench", "run_bench",
-    "run_cell", "select_best", "wilcoxon_p",
+    "DEFAULT_MODELS", "HASH_DIGITS", "METRICS", "aggregate", "cell_dir", "cell_overrides", "config_hash", "grid_points",
+    "hashed_cell_dir", "model_config", "parse_models", "parse_seeds", "paired", "per_user_mean", "plan_bench",
+    "run_bench", "run_cell", "select_best", "wilcoxon_p",
 ]

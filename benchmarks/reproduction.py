@@ -1038,7 +1038,7 @@ def main_section(r: Report, plan: Plan) -> dict[str, dict]:
             r.add("", f"{ref.label}'s mean test Recall@20 over {len(ref.runs)} seeds is {cell(ref, METRIC)}; the best "
                   f"baseline's, {best.label}'s ({best.config}), is {cell(best, METRIC)} (p = {p_text(best.p)}). "
                   + (f"{len(above)} of {len(base)} baselines have a higher mean ({', '.join(x.label for x in above)})."
-                     if above else f"{ref.label} has the highest mean of all {len(base) + 1} rows."))
+                     if above else f"{ref.label}'s mean is above each of the {len(base)} baselines'."))
             outcomes = [outcome(ref.mean[METRIC], x.mean[METRIC], x.p, plan.alpha) for x in base]
             result = "worse" if "worse" in outcomes else "better" if all(o == "better" for o in outcomes) else "same"
             evidence[d.name] = {"outcome": result, "ref": ref, "best": best,

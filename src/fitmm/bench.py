@@ -450,7 +450,7 @@ def plot_bench(rows: list[dict], path: Path, dataset: str) -> bool:
         ax.bar(x + (j - 0.5) * width, means, width, yerr=stds, capsize=3, label=METRIC_LABELS[metric])
     labels = [row["model"] for row in rows]
     # slanted when a label is wider than its bar pair (e.g. the reproduction's "FITMM released")
-    slant = {"rotation": 20, "ha": "right"} if max(map(len, labels)) > 10 else {}
+    slant = {"rotation": 20, "ha": "right"} if max(map(len, labels), default=0) > 10 else {}
     ax.set_xticks(x, labels, **slant)
     ax.set_ylabel("test (mean ± std over seeds)")
     ax.set_title(f"{dataset}: test Recall@20 and NDCG@20")
